@@ -1,0 +1,106 @@
+"""The one place that knows the etcd key layout.
+
+Everything lives under a configurable prefix (default ``/fleet/``)::
+
+    <prefix>unit/<name>            JSON {"name", "text", "hash"}        unit content, written by fleetctl
+    <prefix>desired/<name>         "inactive" | "loaded" | "launched"   desired state, written by fleetctl
+    <prefix>owner/<name>           JSON {"machine_id"}                  who runs a non-global unit;
+                                                                        bound to the owner's lease
+    <prefix>machine/<id>           JSON {"id", "public_ip", "metadata", "version"}
+                                                                        presence; bound to the lease
+    <prefix>state/<name>/<id>      JSON {"load", "active", "sub", "hash", "since"}
+                                                                        published by machine <id>;
+                                                                        bound to its lease
+
+A machine's presence, the owner keys it holds and the states it published all share its lease, so
+a dead machine's keys vanish together and nothing else has to clean up. The owner key's create
+revision is a fencing token: it changes every time ownership changes hands.
+
+Unit content and desired state are separate keys so that start/stop touch one small value and a
+claim can guard on "no unit content changed since my snapshot" with a single range compare.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "/fleet/"
+
+
+class Kind(enum.Enum):
+    UNIT = "unit"
+    DESIRED = "desired"
+    OWNER = "owner"
+    MACHINE = "machine"
+    STATE = "state"
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """A registry key split into what it addresses; `machine_id` is set for STATE keys."""
+
+    kind: Kind
+    name: str
+    machine_id: str = ""
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Always one leading and one trailing slash, so prefixes compose by concatenation."""
+    core = prefix.strip("/")
+    return "/" + core + "/" if core else "/"
+
+
+class KeyLayout:
+    """Builds and parses keys under one prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = normalize_prefix(prefix)
+
+    def unit(self, name: str) -> str:
+        return f"{self.prefix}unit/{name}"
+
+    def desired(self, name: str) -> str:
+        return f"{self.prefix}desired/{name}"
+
+    def owner(self, name: str) -> str:
+        return f"{self.prefix}owner/{name}"
+
+    def machine(self, machine_id: str) -> str:
+        return f"{self.prefix}machine/{machine_id}"
+
+    def state(self, name: str, machine_id: str) -> str:
+        return f"{self.prefix}state/{name}/{machine_id}"
+
+    def kind_prefix(self, kind: Kind) -> str:
+        return f"{self.prefix}{kind.value}/"
+
+    def unit_states_prefix(self, name: str) -> str:
+        return f"{self.prefix}state/{name}/"
+
+    def parse(self, key: str) -> ParsedKey | None:
+        """Split a key under this prefix; None for a key this layout does not own."""
+        if not key.startswith(self.prefix):
+            return None
+        rest = key[len(self.prefix) :]
+        kind_text, sep, tail = rest.partition("/")
+        if not sep or not tail:
+            return None
+        try:
+            kind = Kind(kind_text)
+        except ValueError:
+            return None
+        if kind is Kind.STATE:
+            name, sep, machine_id = tail.rpartition("/")
+            if not sep or not name or not machine_id:
+                return None
+            return ParsedKey(kind, name, machine_id)
+        if "/" in tail:
+            return None
+        return ParsedKey(kind, tail)
+
+
+def range_end(prefix: str) -> str:
+    """The etcd range end that covers every key starting with `prefix`."""
+    last = prefix[-1]
+    return prefix[:-1] + chr(ord(last) + 1)

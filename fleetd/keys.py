@@ -2,15 +2,15 @@
 
 Everything lives under a configurable prefix (default ``/fleet/``)::
 
-    <prefix>unit/<name>            JSON {"name", "text", "hash"}        unit content, written by fleetctl
-    <prefix>desired/<name>         "inactive" | "loaded" | "launched"   desired state, written by fleetctl
-    <prefix>owner/<name>           JSON {"machine_id"}                  who runs a non-global unit;
-                                                                        bound to the owner's lease
-    <prefix>machine/<id>           JSON {"id", "public_ip", "metadata", "version"}
-                                                                        presence; bound to the lease
-    <prefix>state/<name>/<id>      JSON {"load", "active", "sub", "hash", "since"}
-                                                                        published by machine <id>;
-                                                                        bound to its lease
+    <prefix>unit/<name>        JSON {"name", "text", "hash"}       content (fleetctl writes)
+    <prefix>desired/<name>     "inactive"|"loaded"|"launched"      desired state (fleetctl)
+    <prefix>owner/<name>       JSON {"machine_id"}                 who runs a non-global unit;
+                                                                   bound to the owner's lease
+    <prefix>machine/<id>       JSON {"id", "public_ip", "metadata", "version", "name"}
+                                                                   presence; bound to the lease
+    <prefix>state/<name>/<id>  JSON {"load", "active", "sub", "hash", "since"}
+                                                                   published by machine <id>;
+                                                                   bound to its lease
 
 A machine's presence, the owner keys it holds and the states it published all share its lease, so
 a dead machine's keys vanish together and nothing else has to clean up. The owner key's create

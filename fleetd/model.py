@@ -27,10 +27,23 @@ class Machine:
     public_ip: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     version: str = ""
+    name: str = ""  # a human label (hostname); fleet had none, reasons read better with it
 
     @property
     def short_id(self) -> str:
         return self.id[:8]
+
+    @property
+    def label(self) -> str:
+        return self.name or self.short_id
+
+    @property
+    def zone(self) -> str | None:
+        return self.metadata.get("zone")
+
+    @property
+    def region(self) -> str | None:
+        return self.metadata.get("region")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,648 @@
+"""Placement as a pipeline of pure checkers and scorers.
+
+A checker answers, for one unit and one machine, whether the unit may run there and if not why
+(`Verdict`). Scorers order the machines that pass. Both read a `View`: indexes derived once per
+planning pass from a registry snapshot, onto which the decisions of the same pass are overlaid, so
+that two anti-affine units never land together because they were planned in one pass (as Nomad
+does).
+
+The same checkers serve three callers:
+- `plan_placements`: every agent computes the same ranked plan for all unowned units; the machine
+  ranked first bids at once, the others later (see fleetd.planner);
+- `recheck`: an owner asks whether a unit it runs may stay (older claims win over newer ones);
+- `explain`: fleetctl shows, per machine, why a waiting unit cannot run there.
+
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fleetd.model import DesiredState, Machine
+from fleetd.snapshot import Snapshot
+from fleetd.unitfile import (
+    Requirements,
+    Spread,
+    any_glob_match,
+    parse_unit_name,
+    template_group,
+)
+
+# An overlaid (planned, not yet claimed) placement is newer than every real claim.
+PLANNED = 1 << 62
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""
+
+
+OK = Verdict(True)
+
+
+def refuse(reason: str) -> Verdict:
+    return Verdict(False, reason)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The plan for one unowned unit: feasible machines best first, and why the others refuse.
+
+    `blocked` is a reason that holds for every machine (an invalid unit file, no machines).
+    """
+
+    unit: str
+    ranked: tuple[str, ...] = ()
+    refusals: Mapping[str, str] = field(default_factory=dict)
+    blocked: str = ""
+
+    @property
+    def schedulable(self) -> bool:
+        return bool(self.ranked)
+
+
+# --------------------------------------------------------------------------------------- view
+
+
+class View:
+    """Indexes over one snapshot for one planning pass, plus the pass's own decisions."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.machines: dict[str, Machine] = dict(sorted(snapshot.machines.items()))
+        self.requirements: dict[str, Requirements] = {}
+        for name, record in snapshot.units.items():
+            req = record.requirements
+            if req is not None:
+                self.requirements[name] = req
+        # Where each non-global unit runs, and the claim revision that got it there.
+        self.location: dict[str, str] = {}
+        self.revision: dict[str, int] = {}
+        self.on_machine: dict[str, set[str]] = {m: set() for m in self.machines}
+        for name, owner in snapshot.owners.items():
+            if owner.machine_id in self.machines and name in self.requirements:
+                self._put(name, owner.machine_id, owner.revision)
+        self.globals_on: dict[str, list[str]] = {}
+        self._compute_globals()
+
+    # -- overlay
+
+    def _put(self, unit: str, machine_id: str, revision: int) -> None:
+        self.location[unit] = machine_id
+        self.revision[unit] = revision
+        self.on_machine.setdefault(machine_id, set()).add(unit)
+
+    def place(self, unit: str, machine_id: str) -> None:
+        """Overlay a decision of this pass."""
+        self.remove(unit)
+        self._put(unit, machine_id, PLANNED)
+
+    def remove(self, unit: str) -> None:
+        machine_id = self.location.pop(unit, None)
+        self.revision.pop(unit, None)
+        if machine_id is not None:
+            self.on_machine.get(machine_id, set()).discard(unit)
+
+    # -- global units
+
+    def _compute_globals(self) -> None:
+        """Global units run on every machine that matches and where nothing placed conflicts;
+        among conflicting global units the first by name wins. Owned units take precedence."""
+        names = sorted(
+            n
+            for n, req in self.requirements.items()
+            if req.global_ and self.snapshot.desired_state(n) is not DesiredState.INACTIVE
+        )
+        for machine_id, machine in self.machines.items():
+            chosen: list[str] = []
+            for name in names:
+                req = self.requirements[name]
+                if not check_metadata(name, req, machine, self).ok:
+                    continue
+                blockers = list(self.on_machine.get(machine_id, ())) + chosen
+                if any(_conflict_pattern(self, name, other) for other in blockers):
+                    continue
+                chosen.append(name)
+            self.globals_on[machine_id] = chosen
+
+    def global_eligible(self, unit: str, machine_id: str) -> bool:
+        return unit in self.globals_on.get(machine_id, ())
+
+    # -- queries
+
+    def zone_of_machine(self, machine_id: str) -> str | None:
+        machine = self.machines.get(machine_id)
+        return machine.zone if machine else None
+
+    def region_of_machine(self, machine_id: str) -> str | None:
+        machine = self.machines.get(machine_id)
+        return machine.region if machine else None
+
+    def present(self, machine_id: str, before: int | None = None) -> list[str]:
+        """Units running (or planned) on a machine. With `before`, only claims older than that
+        revision count, and global units do not: an owner re-checking its unit yields only to
+        what was there first."""
+        owned = self.on_machine.get(machine_id, set())
+        if before is not None:
+            return sorted(u for u in owned if self.revision.get(u, PLANNED) < before)
+        return sorted(owned) + list(self.globals_on.get(machine_id, ()))
+
+    def located_where(
+        self, predicate: Callable[[str], bool], before: int | None = None
+    ) -> Iterable[tuple[str, str]]:
+        """(unit, machine) of every placed non-global unit on a machine matching predicate."""
+        for unit, machine_id in sorted(self.location.items()):
+            if before is not None and self.revision.get(unit, PLANNED) >= before:
+                continue
+            if predicate(machine_id):
+                yield unit, machine_id
+
+    def label(self, machine_id: str) -> str:
+        machine = self.machines.get(machine_id)
+        return machine.label if machine else machine_id[:8]
+
+
+def _conflict_pattern(view: View, unit: str, other: str) -> str | None:
+    """The Conflicts pattern, either way round, that keeps `unit` and `other` apart."""
+    if unit == other:
+        return None
+    mine = view.requirements.get(unit)
+    theirs = view.requirements.get(other)
+    if mine is not None:
+        hit = any_glob_match(mine.conflicts, other)
+        if hit:
+            return hit
+    if theirs is not None:
+        hit = any_glob_match(theirs.conflicts, unit)
+        if hit:
+            return hit
+    return None
+
+
+# ---------------------------------------------------------------------------------- checkers
+
+Checker = Callable[[str, Requirements, Machine, View, "int | None"], Verdict]
+
+
+def check_machine_id(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    if req.machine_id is None or machine.id.startswith(req.machine_id):
+        return OK
+    return refuse(f"unit is pinned to MachineID={req.machine_id}")
+
+
+def check_metadata(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    """Positive values of one key are OR, keys are AND; `key!=value` excludes that value and
+    passes a machine that lacks the key."""
+    wanted: dict[str, list[str]] = {}
+    for rule in req.metadata:
+        if rule.negated:
+            if machine.metadata.get(rule.key) == rule.value:
+                return refuse(f"metadata {rule} excluded")
+        else:
+            wanted.setdefault(rule.key, []).append(rule.value)
+    for key, values in wanted.items():
+        have = machine.metadata.get(key)
+        if have not in values:
+            shown = " or ".join(f"{key}={v}" for v in values)
+            return refuse(f"metadata {shown} not matched")
+    return OK
+
+
+def check_topology(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    if req.uses_zone and machine.zone is None:
+        return refuse("machine has no zone metadata, which the unit's zone rules need")
+    if req.uses_region and machine.region is None:
+        return refuse("machine has no region metadata, which the unit's region rules need")
+    return OK
+
+
+def _replaces(view: View, replacer: str, replaced: str) -> str | None:
+    req = view.requirements.get(replacer)
+    return any_glob_match(req.replaces, replaced) if req else None
+
+
+def check_replaced(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    """A unit may not run where a unit that replaces it runs. Two units that replace each other
+    never run at the same time anywhere: the one placed first keeps running."""
+    for other in view.present(machine.id):
+        if other == unit:
+            continue
+        pattern = _replaces(view, other, unit)
+        if pattern and not _replaces(view, unit, other):
+            return refuse(f"replaced by {other} (Replaces={pattern})")
+    for other, where in view.located_where(lambda _m: True, before):
+        if other != unit and _replaces(view, other, unit) and _replaces(view, unit, other):
+            return refuse(f"{other} runs on {view.label(where)} and the two replace each other")
+    return OK
+
+
+def _peer_verdict(
+    unit: str,
+    peers: Iterable[str],
+    option: str,
+    machine: Machine,
+    view: View,
+    same: Callable[[str, str], bool],
+    level: str,
+) -> Verdict:
+    for peer in peers:
+        where = view.location.get(peer)
+        if where is None:
+            holders = [m for m, units in view.globals_on.items() if peer in units]
+            if machine.id in holders:
+                continue
+            return refuse(f"waits for {peer} to be scheduled ({option}={peer})")
+        if not same(where, machine.id):
+            return refuse(f"{option}={peer}: {peer} runs in another {level} ({view.label(where)})")
+    return OK
+
+
+def check_machine_of(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    return _peer_verdict(
+        unit, req.machine_of, "MachineOf", machine, view, lambda a, b: a == b, "machine"
+    )
+
+
+def check_zone_of(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    def same(a: str, b: str) -> bool:
+        za = view.zone_of_machine(a)
+        return za is not None and za == view.zone_of_machine(b)
+
+    return _peer_verdict(unit, req.zone_of, "ZoneOf", machine, view, same, "zone")
+
+
+def check_region_of(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    def same(a: str, b: str) -> bool:
+        ra = view.region_of_machine(a)
+        return ra is not None and ra == view.region_of_machine(b)
+
+    return _peer_verdict(unit, req.region_of, "RegionOf", machine, view, same, "region")
+
+
+def check_conflicts(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    """Conflicts hold both ways: a one-way declaration keeps both units apart."""
+    for other in view.present(machine.id, before):
+        pattern = _conflict_pattern(view, unit, other)
+        if pattern:
+            return refuse(f"conflicts with {other} (Conflicts={pattern})")
+    return OK
+
+
+def _level_conflicts(
+    unit: str,
+    machine: Machine,
+    view: View,
+    before: int | None,
+    level: str,
+) -> Verdict:
+    key_of = view.zone_of_machine if level == "zone" else view.region_of_machine
+    option = "ZoneConflicts" if level == "zone" else "RegionConflicts"
+    mine = key_of(machine.id)
+    if mine is None:
+        return OK
+    own = view.requirements.get(unit)
+    for other, _where in view.located_where(lambda m: key_of(m) == mine, before):
+        if other == unit:
+            continue
+        theirs = view.requirements.get(other)
+        pattern = None
+        if own is not None:
+            pattern = any_glob_match(
+                own.zone_conflicts if level == "zone" else own.region_conflicts, other
+            )
+        if pattern is None and theirs is not None:
+            pattern = any_glob_match(
+                theirs.zone_conflicts if level == "zone" else theirs.region_conflicts, unit
+            )
+        if pattern:
+            return refuse(f"{level} {mine} already runs {other} ({option}={pattern})")
+    return OK
+
+
+def check_zone_conflicts(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    return _level_conflicts(unit, machine, view, before, "zone")
+
+
+def check_region_conflicts(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    return _level_conflicts(unit, machine, view, before, "region")
+
+
+def check_limits(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    """MaxPerMachine/Zone/Region count running instances of the unit's template group."""
+    group = template_group(unit)
+    if group is None:
+        return OK
+    limits = (
+        ("MaxPerMachine", req.max_per_machine, lambda m: m == machine.id, None),
+        (
+            "MaxPerZone",
+            req.max_per_zone,
+            lambda m: view.zone_of_machine(m) == machine.zone,
+            machine.zone,
+        ),
+        (
+            "MaxPerRegion",
+            req.max_per_region,
+            lambda m: view.region_of_machine(m) == machine.region,
+            machine.region,
+        ),
+    )
+    for option, limit, same, place in limits:
+        if limit is None:
+            continue
+        count = sum(
+            1
+            for other, _ in view.located_where(same, before)
+            if other != unit and template_group(other) == group
+        )
+        if count >= limit:
+            where = f"in {place}" if place else f"on {machine.label}"
+            return refuse(f"{option}={limit} reached {where}")
+    return OK
+
+
+# Cheapest first: most refusals come from the first three.
+CHECKERS: tuple[Checker, ...] = (
+    check_machine_id,
+    check_metadata,
+    check_topology,
+    check_machine_of,
+    check_zone_of,
+    check_region_of,
+    check_conflicts,
+    check_zone_conflicts,
+    check_region_conflicts,
+    check_limits,
+    check_replaced,
+)
+
+
+def feasible(
+    unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
+) -> Verdict:
+    for checker in CHECKERS:
+        verdict = checker(unit, req, machine, view, before)
+        if not verdict.ok:
+            return verdict
+    return OK
+
+
+# ----------------------------------------------------------------------------------- scorers
+
+Score = tuple[int, ...]
+Scorer = Callable[[str, Requirements, Machine, View], Score]
+
+
+def score_replaces(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
+    """A replacing unit goes where the unit it replaces runs."""
+    for other in view.present(machine.id):
+        if other != unit and _replaces(view, unit, other) and not _replaces(view, other, unit):
+            return (0,)
+    return (1,)
+
+
+def score_spread(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
+    """Instances of one template prefer the region/zone, then the machine, with fewest of them;
+    other units prefer the machine that runs fewest units."""
+    group = template_group(unit)
+    if group is None or req.spread is Spread.NONE:
+        return (len(view.present(machine.id)),)
+
+    def count(same: Callable[[str], bool]) -> int:
+        return sum(
+            1
+            for other, _ in view.located_where(same)
+            if other != unit and template_group(other) == group
+        )
+
+    on_machine = count(lambda m: m == machine.id)
+    load = len(view.present(machine.id))
+    if req.spread is Spread.MACHINE:
+        return (on_machine, load)
+    zone, region = machine.zone, machine.region
+    in_zone = count(lambda m: view.zone_of_machine(m) == zone) if zone is not None else 0
+    if req.spread is Spread.ZONE:
+        return (in_zone, on_machine, load)
+    in_region = count(lambda m: view.region_of_machine(m) == region) if region is not None else 0
+    return (in_region, in_zone, on_machine, load)
+
+
+def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
+    """Equal machines are ordered by a hash of (unit, machine): stable on every agent, yet
+    different per unit, so equal units do not all prefer the same machine."""
+    digest = hashlib.blake2b(f"{unit}\0{machine.id}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big"),)
+
+
+SCORERS: tuple[Scorer, ...] = (score_replaces, score_spread, score_tiebreak)
+
+
+def rank(unit: str, req: Requirements, machines: Iterable[Machine], view: View) -> list[str]:
+    scored = [
+        (tuple(s for scorer in SCORERS for s in scorer(unit, req, m, view)), m.id) for m in machines
+    ]
+    scored.sort()
+    return [machine_id for _, machine_id in scored]
+
+
+# ------------------------------------------------------------------------------------ passes
+
+
+def unit_blocked(snapshot: Snapshot, view: View, unit: str) -> str:
+    """A reason that keeps `unit` off every machine, or "" when only machines can refuse it."""
+    record = snapshot.units.get(unit)
+    if record is None:
+        return "unit is not in the registry"
+    invalid = record.invalid_reason
+    if invalid:
+        return invalid
+    if parse_unit_name(unit).is_template:
+        return "cannot activate a template: start an instance such as " + unit.replace(
+            "@.", "@1.", 1
+        )
+    if snapshot.desired_state(unit) is DesiredState.INACTIVE:
+        return "desired state is inactive"
+    if not view.machines:
+        return "no machines are in the cluster"
+    return ""
+
+
+def _evaluate(unit: str, view: View, before: int | None = None) -> Placement:
+    blocked = unit_blocked(view.snapshot, view, unit)
+    if blocked:
+        return Placement(unit, blocked=blocked)
+    req = view.requirements[unit]
+    ok: list[Machine] = []
+    refusals: dict[str, str] = {}
+    for machine_id, machine in view.machines.items():
+        verdict = feasible(unit, req, machine, view, before)
+        if verdict.ok:
+            ok.append(machine)
+        else:
+            refusals[machine_id] = verdict.reason
+    return Placement(unit, tuple(rank(unit, req, ok, view)), refusals)
+
+
+def _peers(req: Requirements) -> tuple[str, ...]:
+    return req.machine_of + req.zone_of + req.region_of
+
+
+def pending_units(snapshot: Snapshot, view: View) -> list[str]:
+    """Non-global units that want a machine and have none, in planning order: by name, with
+    every follower (MachineOf/ZoneOf/RegionOf) after the units it follows."""
+    pending = sorted(
+        name
+        for name in snapshot.units
+        if name not in view.location
+        and snapshot.desired_state(name) is not DesiredState.INACTIVE
+        and not (name in view.requirements and view.requirements[name].global_)
+    )
+    ordered: list[str] = []
+    placed: set[str] = set()
+    remaining = pending
+    while remaining:
+        later: list[str] = []
+        for name in remaining:
+            req = view.requirements.get(name)
+            deps = [p for p in (_peers(req) if req else ()) if p in remaining and p != name]
+            if any(d not in placed for d in deps):
+                later.append(name)
+            else:
+                ordered.append(name)
+                placed.add(name)
+        if len(later) == len(remaining):
+            # A cycle of followers (mutual MachineOf): none can ever be placed; keep them so
+            # their reasons are reported.
+            ordered.extend(later)
+            break
+        remaining = later
+    return ordered
+
+
+def plan_placements(snapshot: Snapshot, view: View | None = None) -> dict[str, Placement]:
+    """The ranked plan for every unowned unit, each decision overlaid before the next."""
+    view = view or View(snapshot)
+    plan: dict[str, Placement] = {}
+    for unit in pending_units(snapshot, view):
+        placement = _evaluate(unit, view)
+        if placement.ranked:
+            view.place(unit, placement.ranked[0])
+        plan[unit] = placement
+    return plan
+
+
+def recheck(snapshot: Snapshot, unit: str, machine_id: str, view: View | None = None) -> Verdict:
+    """May the owner of `unit` keep running it on `machine_id`? Claims older than this one win
+    conflicts and limits; a unit that replaces this one always wins."""
+    view = view or View(snapshot)
+    blocked = unit_blocked(snapshot, view, unit)
+    if blocked:
+        return refuse(blocked)
+    machine = view.machines.get(machine_id)
+    if machine is None:
+        return refuse("machine is not in the cluster")
+    before = view.revision.get(unit, PLANNED)
+    return feasible(unit, view.requirements[unit], machine, view, before)
+
+
+def explain(snapshot: Snapshot, unit: str) -> Placement:
+    """Why `unit` runs where it runs or waits: every machine's verdict against the cluster as it
+    is, with the unit itself taken out."""
+    view = View(snapshot)
+    view.remove(unit)
+    return _evaluate(unit, view)
+
+
+def machines_running_global(snapshot: Snapshot, unit: str, view: View | None = None) -> list[str]:
+    view = view or View(snapshot)
+    return [m for m, units in view.globals_on.items() if unit in units]
+
+
+@dataclass(frozen=True)
+class Guards:
+    """The facts a claim of one unit relied on, to be re-checked inside the claim transaction.
+
+    `exact`: units whose owner key must still have the mod revision the planner saw (0: absent),
+    used where a key vanishing matters (the peers a follower goes to). `prefixes`: unit-name
+    prefixes under which no owner key may have changed since the snapshot, used where only a new
+    claim could break a rule (conflict patterns, template groups): one range compare then covers
+    every unit the pattern can match, known to the agent or not.
+    """
+
+    exact: Mapping[str, int]
+    prefixes: frozenset[str]
+
+
+def glob_literal_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard: every match starts with it."""
+    for i, ch in enumerate(pattern):
+        if ch in "*?[":
+            return pattern[:i]
+    return pattern
+
+
+def claim_guards(snapshot: Snapshot, unit: str) -> Guards:
+    """What a claim of `unit` must compare so that racing agents never break a hard rule."""
+    record = snapshot.units.get(unit)
+    req = record.requirements if record else None
+    exact: dict[str, int] = {}
+    prefixes: set[str] = set()
+
+    def seen(name: str) -> None:
+        owner = snapshot.owners.get(name)
+        exact[name] = owner.mod_revision if owner else 0
+
+    if req is None:
+        return Guards(exact, frozenset())
+    for peer in _peers(req):
+        seen(peer)
+    for pattern in req.conflicts + req.zone_conflicts + req.region_conflicts + req.replaces:
+        prefixes.add(glob_literal_prefix(pattern))
+    limited = (
+        req.max_per_machine is not None
+        or req.max_per_zone is not None
+        or req.max_per_region is not None
+    )
+    name = parse_unit_name(unit)
+    if limited and name.instance is not None:
+        prefixes.add(name.prefix + "@")
+    # The other direction: units whose own patterns name this one. They are all known, since a
+    # claim also requires that no unit content changed after the snapshot.
+    for other, other_record in snapshot.units.items():
+        if other == unit:
+            continue
+        theirs = other_record.requirements
+        if theirs is None:
+            continue
+        if any_glob_match(
+            theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,
+            unit,
+        ):
+            seen(other)
+    return Guards(exact, frozenset(prefixes))

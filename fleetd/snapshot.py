@@ -1,0 +1,213 @@
+"""An in-memory picture of the registry, kept current incrementally from one watch.
+
+The agent reads the whole prefix once, then applies each watch event to this picture; it never
+re-reads the registry per event (the thundering herd that hurt fleet at scale). fleetctl builds
+the same picture from one range read. The value encodings (JSON) live here too, so the registry
+adapter only moves bytes.
+
+Each record remembers the etcd mod revision of its key: claims compare those revisions inside the
+claim transaction, so a decision is only committed if the facts it was based on still hold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetd.errors import InvalidUnitFile, InvalidUnitName
+from fleetd.keys import KeyLayout, Kind
+from fleetd.model import DesiredState, Machine, Owner, PublishedState
+from fleetd.unitfile import Requirements, requirements_for
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """A unit as stored: its verbatim text, content hash and the revision of its key."""
+
+    name: str
+    text: str
+    hash: str
+    revision: int = 0
+
+    @property
+    def requirements(self) -> Requirements | None:
+        """Parsed [X-Fleet] rules, or None when the stored text is invalid (written by a foreign
+        client): such a unit is never placed, and `invalid_reason` says why."""
+        try:
+            return requirements_for(self.text, self.name)
+        except (InvalidUnitFile, InvalidUnitName):
+            return None
+
+    @property
+    def invalid_reason(self) -> str | None:
+        try:
+            requirements_for(self.text, self.name)
+        except (InvalidUnitFile, InvalidUnitName) as exc:
+            return str(exc)
+        return None
+
+
+@dataclass(frozen=True)
+class Desired:
+    state: DesiredState
+    revision: int = 0
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+def encode_unit(record: UnitRecord) -> str:
+    return json.dumps({"name": record.name, "text": record.text, "hash": record.hash})
+
+
+def encode_owner(machine_id: str) -> str:
+    return json.dumps({"machine_id": machine_id})
+
+
+def encode_machine(machine: Machine) -> str:
+    return json.dumps(
+        {
+            "id": machine.id,
+            "public_ip": machine.public_ip,
+            "metadata": dict(sorted(machine.metadata.items())),
+            "version": machine.version,
+            "name": machine.name,
+        }
+    )
+
+
+def encode_state(state: PublishedState) -> str:
+    return json.dumps(
+        {
+            "load": state.load,
+            "active": state.active,
+            "sub": state.sub,
+            "hash": state.hash,
+            "since": state.since,
+        }
+    )
+
+
+def _load(value: bytes | str) -> Any:
+    text = value.decode() if isinstance(value, bytes) else value
+    return json.loads(text)
+
+
+# ---------------------------------------------------------------------------------- snapshot
+
+
+@dataclass
+class Snapshot:
+    """Everything the planners need, keyed by unit name or machine id.
+
+    `revision` is the etcd revision this picture is current to.
+    """
+
+    revision: int = 0
+    units: dict[str, UnitRecord] = field(default_factory=dict)
+    desired: dict[str, Desired] = field(default_factory=dict)
+    owners: dict[str, Owner] = field(default_factory=dict)
+    machines: dict[str, Machine] = field(default_factory=dict)
+    states: dict[str, dict[str, PublishedState]] = field(default_factory=dict)
+
+    def copy(self) -> Snapshot:
+        """A picture that later events do not change (values are immutable; maps are copied)."""
+        return Snapshot(
+            revision=self.revision,
+            units=dict(self.units),
+            desired=dict(self.desired),
+            owners=dict(self.owners),
+            machines=dict(self.machines),
+            states={name: dict(per) for name, per in self.states.items()},
+        )
+
+    def desired_state(self, name: str) -> DesiredState:
+        entry = self.desired.get(name)
+        return entry.state if entry else DesiredState.INACTIVE
+
+    def owner_of(self, name: str) -> str | None:
+        owner = self.owners.get(name)
+        return owner.machine_id if owner else None
+
+    def apply(
+        self,
+        layout: KeyLayout,
+        key: str,
+        value: bytes | None,
+        mod_revision: int,
+        create_revision: int = 0,
+    ) -> bool:
+        """Apply one put (value set) or delete (value None). Returns whether the key was ours.
+
+        Malformed values are ignored rather than trusted: a foreign writer must not crash or
+        mislead the agents.
+        """
+        parsed = layout.parse(key)
+        if parsed is None:
+            return False
+        self.revision = max(self.revision, mod_revision)
+        name = parsed.name
+        deleted = value is None
+        try:
+            if parsed.kind is Kind.UNIT:
+                if deleted:
+                    self.units.pop(name, None)
+                else:
+                    assert value is not None
+                    data = _load(value)
+                    self.units[name] = UnitRecord(
+                        name, str(data["text"]), str(data["hash"]), mod_revision
+                    )
+            elif parsed.kind is Kind.DESIRED:
+                if deleted:
+                    self.desired.pop(name, None)
+                else:
+                    assert value is not None
+                    self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
+            elif parsed.kind is Kind.OWNER:
+                if deleted:
+                    self.owners.pop(name, None)
+                else:
+                    assert value is not None
+                    data = _load(value)
+                    self.owners[name] = Owner(
+                        str(data["machine_id"]), create_revision or mod_revision, mod_revision
+                    )
+            elif parsed.kind is Kind.MACHINE:
+                if deleted:
+                    self.machines.pop(name, None)
+                else:
+                    assert value is not None
+                    data = _load(value)
+                    metadata: Mapping[str, str] = {
+                        str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
+                    }
+                    self.machines[name] = Machine(
+                        str(data["id"]),
+                        str(data.get("public_ip", "")),
+                        metadata,
+                        str(data.get("version", "")),
+                        str(data.get("name", "")),
+                    )
+            elif parsed.kind is Kind.STATE:
+                per = self.states.setdefault(name, {})
+                if deleted:
+                    per.pop(parsed.machine_id, None)
+                    if not per:
+                        self.states.pop(name, None)
+                else:
+                    assert value is not None
+                    data = _load(value)
+                    per[parsed.machine_id] = PublishedState(
+                        parsed.machine_id,
+                        str(data["load"]),
+                        str(data["active"]),
+                        str(data["sub"]),
+                        str(data["hash"]),
+                        float(data.get("since", 0.0)),
+                    )
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            return True
+        return True

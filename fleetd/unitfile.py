@@ -1,0 +1,543 @@
+"""The unit-file grammar: unit names, systemd's INI dialect, and the [X-Fleet] options.
+
+This is the one place that knows how text becomes a unit: fleetctl uses it to refuse bad input
+before anything reaches the registry, and fleetd uses it again before running anything, so a unit
+written by an older or foreign client cannot bypass validation.
+
+Semantics follow CoreOS fleet (MachineID, MachineOf, MachineMetadata, Conflicts, Global, Replaces
+and the deprecated X-Condition* spellings) plus the topology options of this project (ZoneOf,
+RegionOf, ZoneConflicts, RegionConflicts, MaxPer*, Spread, Pin) and `!=` in MachineMetadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fleetd.errors import InvalidUnitFile, InvalidUnitName
+
+# --------------------------------------------------------------------------------------------
+# Unit names
+
+UNIT_TYPES = frozenset(
+    {
+        "service",
+        "socket",
+        "device",
+        "mount",
+        "automount",
+        "swap",
+        "target",
+        "path",
+        "timer",
+        "slice",
+        "scope",
+    }
+)
+# systemd only instantiates these types from templates.
+TEMPLATE_TYPES = frozenset({"service", "socket", "target", "timer", "path"})
+MAX_NAME_LENGTH = 256
+_NAME_CHARS = re.compile(r"^[A-Za-z0-9:_.@-]+$")
+
+
+@dataclass(frozen=True)
+class UnitName:
+    """A validated unit name split into systemd's parts: prefix@instance.suffix."""
+
+    name: str
+    prefix: str
+    instance: str | None  # None: not templated; "": a template; else: an instance
+    suffix: str
+
+    @property
+    def is_template(self) -> bool:
+        return self.instance == ""
+
+    @property
+    def is_instance(self) -> bool:
+        return bool(self.instance)
+
+    @property
+    def template(self) -> str | None:
+        """The template an instance comes from (foo@1.service -> foo@.service)."""
+        if self.instance is None:
+            return None
+        return f"{self.prefix}@.{self.suffix}"
+
+    @property
+    def stem(self) -> str:
+        """The name without its suffix (systemd's %N)."""
+        return self.name[: -len(self.suffix) - 1]
+
+
+def default_unit_name(argument: str) -> str:
+    """The unit name fleetctl derives from a command-line argument: the basename, with
+    `.service` appended when its suffix is not a systemd unit type."""
+    base = argument.rstrip("/").rsplit("/", 1)[-1]
+    _, dot, suffix = base.rpartition(".")
+    if not dot or suffix not in UNIT_TYPES:
+        base += ".service"
+    return base
+
+
+def parse_unit_name(name: str) -> UnitName:
+    """Validate `name` as systemd would and split it; InvalidUnitName says what is wrong."""
+    if not name:
+        raise InvalidUnitName("unit name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidUnitName(
+            f"unit name {name[:40]}... is {len(name)} characters long: at most "
+            f"{MAX_NAME_LENGTH} are allowed"
+        )
+    if not _NAME_CHARS.match(name):
+        bad = sorted({c for c in name if not _NAME_CHARS.match(c)})
+        raise InvalidUnitName(
+            f"unit name {name!r} has invalid characters {''.join(bad)!r}: use only "
+            "letters, digits and ':_.@-'"
+        )
+    if name.startswith("@"):
+        raise InvalidUnitName(f"unit name {name!r} must not start with '@'")
+    base, dot, suffix = name.rpartition(".")
+    if not dot or suffix not in UNIT_TYPES:
+        raise InvalidUnitName(
+            f"unit name {name!r} has no known unit type suffix: end it with one of "
+            + ", ".join(f".{t}" for t in sorted(UNIT_TYPES))
+        )
+    if not base:
+        raise InvalidUnitName(f"unit name {name!r} has nothing before its suffix")
+    if "@" not in base:
+        return UnitName(name, base, None, suffix)
+    prefix, _, instance = base.partition("@")
+    if "@" in instance:
+        raise InvalidUnitName(f"unit name {name!r} has more than one '@'")
+    if suffix not in TEMPLATE_TYPES:
+        raise InvalidUnitName(
+            f"unit name {name!r}: only {', '.join(sorted(TEMPLATE_TYPES))} units can be "
+            "templates or instances"
+        )
+    return UnitName(name, prefix, instance, suffix)
+
+
+def template_group(name: str) -> str | None:
+    """The template an instance belongs to, used to group instances for limits and spread."""
+    try:
+        return parse_unit_name(name).template
+    except InvalidUnitName:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# systemd's INI dialect
+
+
+@dataclass(frozen=True)
+class UnitOption:
+    section: str
+    key: str
+    value: str
+    line: int
+
+
+@dataclass(frozen=True)
+class UnitFile:
+    """A parsed unit file. The text is kept verbatim: `fleetctl cat` prints it unchanged and
+    its sha1 is the content hash every layer compares."""
+
+    text: str
+    options: tuple[UnitOption, ...]
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.text)
+
+    def sections(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for option in self.options:
+            seen.setdefault(option.section, None)
+        return list(seen)
+
+    def values(self, section: str, key: str) -> list[str]:
+        return [o.value for o in self.options if o.section == section and o.key == key]
+
+    def has_section(self, section: str) -> bool:
+        return any(o.section == section for o in self.options) or f"[{section}]" in self.text
+
+    @property
+    def description(self) -> str:
+        values = self.values("Unit", "Description")
+        return values[-1] if values else ""
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+_SECTION = re.compile(r"^\[([^\[\]]+)\]$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def parse_unit_file(text: str, source: str = "unit file") -> UnitFile:
+    """Parse systemd's INI dialect: [Section] headers, Key=Value lines, '#' and ';' comments,
+    a trailing backslash continues a value on the next line."""
+    options: list[UnitOption] = []
+    section: str | None = None
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        number = i + 1
+        line = lines[i].strip()
+        i += 1
+        if not line or line[0] in "#;":
+            continue
+        header = _SECTION.match(line)
+        if header:
+            section = header.group(1)
+            continue
+        if line.startswith("["):
+            raise InvalidUnitFile(f"{source}: line {number}: malformed section header {line!r}")
+        key, eq, value = line.partition("=")
+        key = key.strip()
+        if not eq or not _KEY.match(key):
+            raise InvalidUnitFile(
+                f"{source}: line {number}: expected Key=Value or [Section], got {line!r}"
+            )
+        if section is None:
+            raise InvalidUnitFile(
+                f"{source}: line {number}: option {key} comes before any [Section] header"
+            )
+        value = value.strip()
+        # Continuations join with a space, as systemd does; comment lines inside are skipped.
+        while value.endswith("\\"):
+            value = value[:-1].rstrip()
+            while i < len(lines) and lines[i].lstrip()[:1] in ("#", ";"):
+                i += 1
+            if i >= len(lines):
+                break
+            value = f"{value} {lines[i].strip()}".strip()
+            i += 1
+        options.append(UnitOption(section, key, value, number))
+    return UnitFile(text, tuple(options))
+
+
+# --------------------------------------------------------------------------------------------
+# [X-Fleet]
+
+XFLEET = "X-Fleet"
+
+
+class Spread(enum.StrEnum):
+    REGION = "region"
+    ZONE = "zone"
+    MACHINE = "machine"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class MetadataRule:
+    """One `key=value` or `key!=value` term of MachineMetadata."""
+
+    key: str
+    value: str
+    negated: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.key}{'!=' if self.negated else '='}{self.value}"
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a unit's [X-Fleet] section asks of the machine that runs it, specifiers expanded."""
+
+    machine_id: str | None = None
+    machine_of: tuple[str, ...] = ()
+    zone_of: tuple[str, ...] = ()
+    region_of: tuple[str, ...] = ()
+    metadata: tuple[MetadataRule, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    zone_conflicts: tuple[str, ...] = ()
+    region_conflicts: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+    global_: bool = False
+    max_per_machine: int | None = None
+    max_per_zone: int | None = None
+    max_per_region: int | None = None
+    spread: Spread = Spread.ZONE
+    pin: bool = False
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def uses_zone(self) -> bool:
+        return bool(self.zone_of or self.zone_conflicts or self.max_per_zone is not None)
+
+    @property
+    def uses_region(self) -> bool:
+        return bool(self.region_of or self.region_conflicts or self.max_per_region is not None)
+
+
+_DEPRECATED = {
+    "X-ConditionMachineID": "MachineID",
+    "X-ConditionMachineOf": "MachineOf",
+    "X-ConditionMachineMetadata": "MachineMetadata",
+    "X-Conflicts": "Conflicts",
+}
+_KNOWN = frozenset(
+    {
+        "MachineID",
+        "MachineOf",
+        "MachineMetadata",
+        "Conflicts",
+        "Global",
+        "Replaces",
+        "ZoneOf",
+        "RegionOf",
+        "ZoneConflicts",
+        "RegionConflicts",
+        "MaxPerMachine",
+        "MaxPerZone",
+        "MaxPerRegion",
+        "Spread",
+        "Pin",
+    }
+)
+_TRUE = frozenset({"true", "yes", "1", "on", "t", "y"})
+_FALSE = frozenset({"false", "no", "0", "off", "f", "n", ""})
+
+
+def expand_specifiers(value: str, name: UnitName) -> str:
+    """Expand %n %N %p %i (and %%) the way systemd would for this unit name."""
+    table = {
+        "n": name.name,
+        "N": name.stem,
+        "p": name.prefix,
+        "i": name.instance or "",
+        "%": "%",
+    }
+
+    def repl(match: re.Match[str]) -> str:
+        return table.get(match.group(1), match.group(0))
+
+    return re.sub(r"%(.)", repl, value)
+
+
+def _words(value: str, option: str, source: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise InvalidUnitFile(f"{source}: [X-Fleet] {option}={value!r}: {exc}") from None
+
+
+def _bool(value: str, option: str, source: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidUnitFile(
+        f"{source}: [X-Fleet] {option}={value!r} is not a boolean: use true or false"
+    )
+
+
+def _limit(value: str, option: str, source: str) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise InvalidUnitFile(
+            f"{source}: [X-Fleet] {option}={value!r} is not a whole number: use 1 or more"
+        ) from None
+    if number < 1:
+        raise InvalidUnitFile(f"{source}: [X-Fleet] {option}={number} must be 1 or more")
+    return number
+
+
+def _metadata_rule(word: str, source: str) -> MetadataRule:
+    if "!=" in word:
+        key, _, value = word.partition("!=")
+        negated = True
+    else:
+        key, _, value = word.partition("=")
+        negated = False
+    if not key or not value or not _KEY.match(key):
+        raise InvalidUnitFile(
+            f"{source}: [X-Fleet] MachineMetadata term {word!r} must be key=value or key!=value"
+        )
+    return MetadataRule(key, value, negated)
+
+
+def parse_requirements(unit: UnitFile, name: str) -> Requirements:
+    """Read and validate the [X-Fleet] section of `unit`, run as `name`.
+
+    Raises InvalidUnitFile naming the option(s) at fault. Unknown and deprecated keys are
+    warnings, carried in `Requirements.warnings`, never errors: a fleet user's files must load.
+    """
+    unit_name = parse_unit_name(name)
+    source = name
+    warnings: list[str] = []
+    collected: dict[str, list[str]] = {}
+    for option in unit.options:
+        if option.section != XFLEET:
+            continue
+        key = option.key
+        if key in _DEPRECATED:
+            warnings.append(f"{name}: [X-Fleet] {key} is deprecated: use {_DEPRECATED[key]}")
+            key = _DEPRECATED[key]
+        elif key not in _KNOWN:
+            warnings.append(f"{name}: unknown [X-Fleet] option {key} is ignored")
+            continue
+        collected.setdefault(key, []).append(expand_specifiers(option.value, unit_name))
+
+    def words(key: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for value in collected.get(key, []):
+            out.extend(_words(value, key, source))
+        return tuple(out)
+
+    def last(key: str) -> str | None:
+        values = collected.get(key)
+        return values[-1].strip() if values else None
+
+    machine_id = last("MachineID") or None
+    metadata = tuple(_metadata_rule(w, source) for w in words("MachineMetadata"))
+    global_text = last("Global")
+    pin_text = last("Pin")
+    spread_text = last("Spread")
+    spread = Spread.ZONE
+    if spread_text is not None:
+        try:
+            spread = Spread(spread_text.lower())
+        except ValueError:
+            raise InvalidUnitFile(
+                f"{source}: [X-Fleet] Spread={spread_text!r}: use region, zone, machine or none"
+            ) from None
+
+    def limit(key: str) -> int | None:
+        text = last(key)
+        return None if text is None else _limit(text, key, source)
+
+    req = Requirements(
+        machine_id=machine_id,
+        machine_of=words("MachineOf"),
+        zone_of=words("ZoneOf"),
+        region_of=words("RegionOf"),
+        metadata=metadata,
+        conflicts=words("Conflicts"),
+        zone_conflicts=words("ZoneConflicts"),
+        region_conflicts=words("RegionConflicts"),
+        replaces=words("Replaces"),
+        global_=_bool(global_text, "Global", source) if global_text is not None else False,
+        max_per_machine=limit("MaxPerMachine"),
+        max_per_zone=limit("MaxPerZone"),
+        max_per_region=limit("MaxPerRegion"),
+        spread=spread,
+        pin=_bool(pin_text, "Pin", source) if pin_text is not None else False,
+        warnings=tuple(warnings),
+    )
+    _validate(req, unit_name, source)
+    return req
+
+
+def _validate(req: Requirements, unit_name: UnitName, source: str) -> None:
+    def fail(message: str) -> None:
+        raise InvalidUnitFile(f"{source}: [X-Fleet] {message}")
+
+    present = {
+        "MachineID": req.machine_id is not None,
+        "MachineOf": bool(req.machine_of),
+        "Conflicts": bool(req.conflicts),
+        "Global": req.global_,
+        "Replaces": bool(req.replaces),
+        "ZoneOf": bool(req.zone_of),
+        "RegionOf": bool(req.region_of),
+        "ZoneConflicts": bool(req.zone_conflicts),
+        "RegionConflicts": bool(req.region_conflicts),
+        "MaxPerZone": req.max_per_zone is not None,
+        "MaxPerRegion": req.max_per_region is not None,
+    }
+    exclusive = [
+        ("MachineID", ("MachineOf", "Conflicts", "Global", "Replaces")),
+        ("Global", ("MachineOf", "Replaces")),
+        ("Conflicts", ("Replaces",)),
+        (
+            "MachineID",
+            (
+                "ZoneOf",
+                "RegionOf",
+                "ZoneConflicts",
+                "RegionConflicts",
+                "MaxPerZone",
+                "MaxPerRegion",
+            ),
+        ),
+        (
+            "Global",
+            (
+                "ZoneOf",
+                "RegionOf",
+                "ZoneConflicts",
+                "RegionConflicts",
+                "MaxPerZone",
+                "MaxPerRegion",
+            ),
+        ),
+    ]
+    for first, others in exclusive:
+        if not present[first]:
+            continue
+        for other in others:
+            if present[other]:
+                fail(f"{first} cannot be combined with {other}: remove one of them")
+    if req.global_ and req.max_per_machine is not None:
+        fail("Global cannot be combined with MaxPerMachine: remove one of them")
+    for option, targets in (
+        ("MachineOf", req.machine_of),
+        ("ZoneOf", req.zone_of),
+        ("RegionOf", req.region_of),
+    ):
+        for target in targets:
+            try:
+                parse_unit_name(target)
+            except InvalidUnitName as exc:
+                fail(f"{option}={target}: {exc}")
+            if target == unit_name.name:
+                fail(f"{option}={target} names the unit itself: name another unit")
+    for target in req.machine_of:
+        for option, patterns in (("Conflicts", req.conflicts), ("Replaces", req.replaces)):
+            for pattern in patterns:
+                if glob_match(pattern, target):
+                    fail(
+                        f"MachineOf={target} matches the unit's own {option}={pattern}: "
+                        "a unit cannot follow a unit it conflicts with or replaces"
+                    )
+    if req.machine_id is not None and not re.fullmatch(r"[0-9A-Za-z-]+", req.machine_id):
+        fail(f"MachineID={req.machine_id!r} is not a machine id")
+
+
+# fnmatch semantics differ from Go's path.Match on '/', which unit names never contain, so a
+# cached translation to a regex is both faithful and cheap in the placement hot loop.
+@functools.lru_cache(maxsize=4096)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    import fnmatch
+
+    return re.compile(fnmatch.translate(pattern))
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    return _glob_regex(pattern).match(name) is not None
+
+
+def any_glob_match(patterns: Iterable[str], name: str) -> str | None:
+    """The first pattern that matches `name`, or None."""
+    for pattern in patterns:
+        if glob_match(pattern, name):
+            return pattern
+    return None
+
+
+@functools.lru_cache(maxsize=8192)
+def requirements_for(text: str, name: str) -> Requirements:
+    """Parse and validate once per (content, name); the placement loop asks very often."""
+    return parse_requirements(parse_unit_file(text, name), name)

@@ -1,0 +1,129 @@
+"""The `fleetd` command: read the configuration, wire the adapters to the agent, handle signals.
+
+Errors a user can cause (a bad config, an unreachable systemd) are one line on stderr and exit 1;
+`--debug` adds tracebacks and debug logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from fleetd import __version__
+from fleetd.config import Config, config_flags, load_config, reload_metadata
+from fleetd.errors import FleetError
+
+if TYPE_CHECKING:
+    from fleetd.agent import Agent
+
+app = typer.Typer(add_completion=False, help="fleetd: the fleet agent for one machine.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fleetd version {__version__}")
+        raise typer.Exit()
+
+
+def build_agent(config: Config) -> Agent:
+    # Adapters are imported here so that `fleetd --help` and config errors do not need D-Bus.
+    from fleetd.agent import Agent
+    from fleetd.registry import EtcdRegistry
+    from fleetd.systemd import DbusUnitManager
+
+    registry = EtcdRegistry(
+        config.etcd_servers,
+        config.etcd_key_prefix,
+        timeout=config.etcd_request_timeout,
+        ca_file=config.etcd_cafile,
+        cert_file=config.etcd_certfile,
+        key_file=config.etcd_keyfile,
+    )
+    manager = DbusUnitManager(Path(config.units_directory), user=config.systemd_user)
+    return Agent(config, registry, manager)
+
+
+@app.command()
+def run(
+    config_path: Annotated[
+        str | None,
+        typer.Option("--config", help="TOML config file (default /etc/fleet/fleet.toml)"),
+    ] = None,
+    etcd_servers: Annotated[str | None, typer.Option(help="Comma-separated etcd URLs.")] = None,
+    etcd_key_prefix: Annotated[str | None, typer.Option(help="Registry key prefix.")] = None,
+    machine_id: Annotated[str | None, typer.Option(help="32 hex characters.")] = None,
+    public_ip: Annotated[str | None, typer.Option(help="Address shown by fleetctl.")] = None,
+    metadata: Annotated[str | None, typer.Option(help="key=value,key2=value2")] = None,
+    agent_ttl: Annotated[float | None, typer.Option(help="Lease TTL in seconds.")] = None,
+    units_directory: Annotated[
+        str | None, typer.Option(help="Where unit files are written.")
+    ] = None,
+    systemd_user: Annotated[
+        bool | None, typer.Option("--systemd-user/--systemd-system", help="Which manager to drive.")
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="Debug logging and tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Run the agent until SIGTERM."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        # The gRPC and GLib layers are chatty at INFO; our own log says what matters.
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+    flags = config_flags(
+        etcd_servers=etcd_servers,
+        etcd_key_prefix=etcd_key_prefix,
+        machine_id=machine_id,
+        public_ip=public_ip,
+        metadata=metadata,
+        agent_ttl=agent_ttl,
+        units_directory=units_directory,
+        systemd_user=systemd_user,
+    )
+    try:
+        config = load_config(config_path, os.environ, flags)
+        agent = build_agent(config)
+    except FleetError as exc:
+        if debug:
+            raise
+        typer.echo(f"fleetd: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        agent.stop()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        # Reloading reads files: do it off the signal handler.
+        def reload() -> None:
+            try:
+                agent.update_config(reload_metadata(agent.config, config_path, os.environ))
+            except FleetError as exc:
+                logging.getLogger("fleetd").error("reload failed, keeping the old config: %s", exc)
+
+        threading.Thread(target=reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    agent.run()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""fleetd's configuration: defaults, then the TOML file, then FLEET_<KEY> environment variables,
+then command-line flags, each layer overriding the one before. Keys are fleet's own.
+
+Every bad value is a `ConfigError` naming the key and its source, raised before the agent touches
+etcd or systemd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from fleetd.errors import ConfigError
+from fleetd.keys import DEFAULT_PREFIX, normalize_prefix
+
+DEFAULT_CONFIG_PATH = "/etc/fleet/fleet.toml"
+_MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class Config:
+    etcd_servers: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_key_prefix: str = DEFAULT_PREFIX
+    etcd_cafile: str | None = None
+    etcd_certfile: str | None = None
+    etcd_keyfile: str | None = None
+    etcd_request_timeout: float = 3.0
+    public_ip: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    agent_ttl: float = 10.0
+    units_directory: str = "/run/fleet/units"
+    systemd_user: bool = False
+    machine_id: str = ""
+    hostname: str = ""
+    # Seconds a machine ranked r-th waits, times r, before it bids for a unit (see planner).
+    claim_stagger: float = 0.5
+
+
+def parse_metadata(value: Any, source: str) -> dict[str, str]:
+    """Metadata as fleet wrote it ("region=us-east,zone=a") or as a TOML table."""
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, eq, val = part.partition("=")
+            if not eq:
+                raise ConfigError(f"{source}: metadata entry {part!r} must be key=value")
+            items.append((key.strip(), val.strip()))
+    else:
+        raise ConfigError(f'{source}: metadata must be a table or "key=value,..."')
+    out: dict[str, str] = {}
+    for key, val in items:
+        if not _META_KEY.match(key):
+            raise ConfigError(
+                f"{source}: metadata key {key!r} may only have letters, digits, _ and -"
+            )
+        if not isinstance(val, str | int | float) or isinstance(val, bool) or str(val) == "":
+            raise ConfigError(f"{source}: metadata value of {key!r} must be a non-empty string")
+        out[key] = str(val)
+    return out
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    where = f"{source}: {name}"
+    if name == "etcd_servers":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of etcd URLs")
+        return tuple(v.strip() for v in value)
+    if name == "metadata":
+        return parse_metadata(value, source)
+    if name in ("agent_ttl", "etcd_request_timeout", "claim_stagger"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number of seconds, not {value!r}") from None
+        if number < 0 or (number == 0 and name != "claim_stagger"):
+            raise ConfigError(f"{where} must be more than 0 seconds")
+        return number
+    if name == "systemd_user":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string")
+    if name == "etcd_key_prefix":
+        return normalize_prefix(value)
+    if name == "machine_id" and value and not _MACHINE_ID.match(value):
+        raise ConfigError(f"{where} must be 32 lowercase hex characters, like /etc/machine-id")
+    if name == "public_ip" and value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ConfigError(f"{where} {value!r} is not an IP address") from None
+    if name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
+        return value or None
+    return value
+
+
+_KEYS = {f.name for f in fields(Config)}
+
+
+def _layer(config: Config, values: Mapping[str, Any], source: str) -> Config:
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(_KEYS))}"
+            )
+        changes[key] = _coerce(key, value, source)
+    return replace(config, **changes)
+
+
+def load_config(
+    path: str | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, Any],
+) -> Config:
+    """Build the effective configuration. A missing default file is fine; a missing named one is
+    not."""
+    config = Config()
+    file_path = path or environ.get("FLEET_CONFIG") or DEFAULT_CONFIG_PATH
+    explicit = bool(path or environ.get("FLEET_CONFIG"))
+    if Path(file_path).exists():
+        try:
+            data = toml.load(file_path)
+        except (toml.TomlDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {file_path}: {str(exc).splitlines()[0]}") from None
+        config = _layer(config, data, f"config file {file_path}")
+    elif explicit:
+        raise ConfigError(f"config file {file_path} does not exist: create it or drop --config")
+    env_values = {
+        key: environ[f"FLEET_{key.upper()}"] for key in _KEYS if f"FLEET_{key.upper()}" in environ
+    }
+    config = _layer(config, env_values, "environment")
+    config = _layer(config, {k: v for k, v in flags.items() if v is not None}, "command line")
+    if not config.machine_id:
+        config = replace(config, machine_id=read_machine_id())
+    if not config.hostname:
+        config = replace(config, hostname=socket.gethostname())
+    return config
+
+
+def read_machine_id(path: str = "/etc/machine-id") -> str:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError:
+        raise ConfigError(
+            f"cannot read {path}: set machine_id in the config (32 hex characters)"
+        ) from None
+    if not _MACHINE_ID.match(value):
+        raise ConfigError(f"{path} does not hold a machine id: set machine_id in the config")
+    return value
+
+
+def reload_metadata(config: Config, path: str | None, environ: Mapping[str, str]) -> Config:
+    """On SIGHUP: re-read the file and environment, keep everything but metadata (changing the
+    identity or the etcd endpoints of a running agent is a restart, not a reload)."""
+    fresh = load_config(path, environ, {})
+    return replace(config, metadata=fresh.metadata, public_ip=fresh.public_ip or config.public_ip)
+
+
+def config_flags(**values: Any) -> dict[str, Any]:
+    """Drop unset flags, so only what the user typed overrides the file."""
+    return {k: v for k, v in values.items() if v is not None}

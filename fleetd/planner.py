@@ -1,0 +1,189 @@
+"""The agent's planning step: from a registry snapshot and the local systemd picture to an ordered
+list of tasks, each with the reason it is needed. Pure functions; `fleetd.agent` executes.
+
+Two plans per round:
+- `plan_claims`: which unowned units this machine bids for now. Every agent computes the same
+  ranked placement (`fleetd.placement.plan_placements`); the machine ranked first bids at once,
+  the one ranked r-th only after r stagger steps, so a dead or slow favourite costs seconds, and
+  equal machines end up balanced because the ranking is load-aware and overlays the pass's own
+  decisions.
+- `plan_local`: what to do with systemd so that it runs exactly the units this machine owns (and
+  the global units it is eligible for), in fleet's order: stop what must go, unload it, load
+  what is new, one daemon-reload, stop what should only be loaded, start what should run, and only
+  then release ownership of what was taken down, so a unit never runs twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleetd.model import DesiredState, SystemdState
+from fleetd.placement import Placement, View, recheck
+from fleetd.snapshot import Snapshot, UnitRecord
+
+ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+
+
+class TaskKind(enum.StrEnum):
+    CLAIM = "claim"
+    STOP = "stop"
+    UNLOAD = "unload"
+    LOAD = "load"
+    RELOAD = "reload"
+    START = "start"
+    RELEASE = "release"
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: TaskKind
+    unit: str
+    reason: str
+    text: str = ""
+    hash: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.unit}: {self.reason}" if self.unit else self.reason
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A unit this machine should have, at `target` (loaded or launched)."""
+
+    record: UnitRecord
+    target: DesiredState
+    reason: str
+
+
+# --------------------------------------------------------------------------------- claiming
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    claims: tuple[Task, ...]
+    first_seen: Mapping[str, float]  # unit -> when this agent first saw it pending
+    next_wake: float | None  # when a staggered bid falls due
+
+
+def plan_claims(
+    placements: Mapping[str, Placement],
+    me: str,
+    first_seen: Mapping[str, float],
+    now: float,
+    step: float,
+) -> ClaimPlan:
+    seen = {u: first_seen.get(u, now) for u in placements}
+    claims: list[Task] = []
+    next_wake: float | None = None
+    for unit, placement in placements.items():
+        if me not in placement.ranked:
+            continue
+        rank = placement.ranked.index(me)
+        due = seen[unit] + rank * step
+        if now >= due:
+            reason = (
+                "ranked first for placement"
+                if rank == 0
+                else f"ranked {rank + 1}; nobody better claimed it in {now - seen[unit]:.1f}s"
+            )
+            claims.append(Task(TaskKind.CLAIM, unit, reason))
+        else:
+            next_wake = due if next_wake is None else min(next_wake, due)
+    return ClaimPlan(tuple(claims), seen, next_wake)
+
+
+# ------------------------------------------------------------------------------ local state
+
+
+def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
+    """Units this machine should have loaded or running now, and why."""
+    wanted: dict[str, Wanted] = {}
+    for name, owner in snapshot.owners.items():
+        if owner.machine_id != me:
+            continue
+        record = snapshot.units.get(name)
+        state = snapshot.desired_state(name)
+        if record is None or state is DesiredState.INACTIVE:
+            continue
+        if not recheck(snapshot, name, me, view).ok:
+            continue
+        wanted[name] = Wanted(record, state, f"owned here, desired {state.value}")
+    for name in view.globals_on.get(me, ()):
+        record = snapshot.units[name]
+        state = snapshot.desired_state(name)
+        wanted[name] = Wanted(record, state, f"global unit, desired {state.value}")
+    return wanted
+
+
+def release_reasons(snapshot: Snapshot, me: str, view: View) -> dict[str, str]:
+    """Units this machine owns but must give up, with the reason."""
+    out: dict[str, str] = {}
+    for name, owner in sorted(snapshot.owners.items()):
+        if owner.machine_id != me:
+            continue
+        if name not in snapshot.units:
+            out[name] = "unit was destroyed"
+        elif snapshot.desired_state(name) is DesiredState.INACTIVE:
+            out[name] = "desired state is inactive"
+        else:
+            verdict = recheck(snapshot, name, me, view)
+            if not verdict.ok:
+                out[name] = f"may no longer run here: {verdict.reason}"
+    return out
+
+
+def plan_local(
+    snapshot: Snapshot,
+    me: str,
+    view: View,
+    loaded: Mapping[str, str],
+    states: Mapping[str, SystemdState],
+    started: frozenset[tuple[str, str]],
+) -> list[Task]:
+    """Tasks that bring systemd to the wanted picture, in a safe order, each with its reason.
+
+    `loaded` maps the units we wrote to their content hash; `states` is systemd's view of them;
+    `started` holds (unit, hash) pairs this agent started already, so a unit that failed is not
+    restarted in a loop (systemd's Restart= is the tool for that).
+    """
+    wanted = wanted_units(snapshot, me, view)
+    releasing = release_reasons(snapshot, me, view)
+
+    def is_active(name: str) -> bool:
+        state = states.get(name)
+        return state is not None and state.active in ACTIVE_STATES
+
+    stops: list[Task] = []
+    unloads: list[Task] = []
+    loads: list[Task] = []
+    for name in sorted(loaded):
+        if name in wanted:
+            want = wanted[name]
+            if loaded[name] == want.record.hash:
+                continue
+            reason = "unit content changed"
+        else:
+            reason = releasing.get(name, "not scheduled here")
+        if is_active(name):
+            stops.append(Task(TaskKind.STOP, name, reason))
+        unloads.append(Task(TaskKind.UNLOAD, name, reason))
+    for name, want in sorted(wanted.items()):
+        if loaded.get(name) != want.record.hash:
+            loads.append(Task(TaskKind.LOAD, name, want.reason, want.record.text, want.record.hash))
+    tasks = stops + unloads + loads
+    if unloads or loads:
+        tasks.append(Task(TaskKind.RELOAD, "", "unit files changed"))
+    changed = {t.unit for t in unloads}
+    for name, want in sorted(wanted.items()):
+        if want.target is DesiredState.LOADED:
+            if is_active(name) and name not in changed:
+                tasks.append(Task(TaskKind.STOP, name, "desired state is loaded"))
+        elif (name, want.record.hash) not in started and (not is_active(name) or name in changed):
+            tasks.append(
+                Task(TaskKind.START, name, "desired state is launched", hash=want.record.hash)
+            )
+    for name, reason in releasing.items():
+        tasks.append(Task(TaskKind.RELEASE, name, reason))
+    return tasks

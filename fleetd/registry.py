@@ -1,0 +1,362 @@
+"""The etcd adapter: every read and write of the registry, over the python-etcd3 API.
+
+It moves bytes between etcd and the core's types (`fleetd.snapshot`), builds keys only through
+`fleetd.keys`, and turns every client failure into `RegistryUnavailable` with a one-line reason.
+Transactions are the unit of safety here:
+
+- a claim creates the owner key only if it is absent, bound to the claimant's lease, and only if
+  every fact the placement relied on still holds (`fleetd.placement.Guards`) and no unit content
+  changed after the claimant's snapshot;
+- fleetctl's writes of several units go in one transaction, so agents see a batch at once and plan
+  it as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import pyetcd
+from pyetcd import exceptions as etcd_exceptions
+from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+
+from fleetd.errors import ConfigError, RegistryUnavailable
+from fleetd.keys import KeyLayout, Kind, range_end
+from fleetd.model import DesiredState, Machine, PublishedState
+from fleetd.placement import Guards
+from fleetd.snapshot import (
+    Snapshot,
+    UnitRecord,
+    encode_machine,
+    encode_owner,
+    encode_state,
+    encode_unit,
+)
+
+log = logging.getLogger(__name__)
+
+# etcd refuses transactions with more operations than --max-txn-ops (128 by default).
+MAX_TXN_OPS = 120
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    key: str
+    value: bytes | None  # None for a delete
+    mod_revision: int
+    create_revision: int
+
+
+def parse_endpoints(text: str | Sequence[str]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    endpoints = [e.strip() for e in items if e.strip()]
+    if not endpoints:
+        raise ConfigError("no etcd endpoint given: set --endpoint (e.g. http://127.0.0.1:2379)")
+    for endpoint in endpoints:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"etcd endpoint {endpoint!r} is not a URL: use http://HOST:PORT or https://HOST:PORT"
+            )
+    return endpoints
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        details = exc.details() if hasattr(exc, "details") else None
+        return str(details or exc.code() if hasattr(exc, "code") else exc)
+    if isinstance(exc, etcd_exceptions.ConnectionFailedError):
+        return "connection refused or unavailable"
+    if isinstance(exc, etcd_exceptions.ConnectionTimeoutError):
+        return "request timed out"
+    if isinstance(exc, etcd_exceptions.NoServerAvailableError):
+        return "no endpoint available"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class EtcdRegistry:
+    """The registry as the agent and fleetctl see it."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        prefix: str = "/fleet/",
+        timeout: float = 5.0,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.layout = KeyLayout(prefix)
+        self.timeout = timeout
+        creds = None
+        if ca_file or cert_file or key_file:
+            if not ca_file:
+                raise ConfigError("a client certificate needs a CA file too: set --ca-file")
+            if bool(cert_file) != bool(key_file):
+                raise ConfigError("--cert-file and --key-file go together: set both or neither")
+            try:
+                creds = MultiEndpointEtcd3Client.get_secure_creds(ca_file, key_file, cert_file)
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+        eps = []
+        for url in self.endpoints:
+            parts = urlsplit(url)
+            secure = parts.scheme == "https"
+            if secure and creds is None:
+                raise ConfigError(f"etcd endpoint {url} uses https: set --ca-file")
+            # A failed endpoint is retried after a short pause: with few members, giving up on
+            # one for minutes (the client's default) would leave nothing to fail over to.
+            eps.append(
+                Endpoint(
+                    parts.hostname,
+                    parts.port or 2379,
+                    secure=secure,
+                    creds=creds if secure else None,
+                    time_retry=1.0,
+                )
+            )
+        self._client = MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        try:
+            yield
+        except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
+            raise RegistryUnavailable(
+                f"cannot reach etcd at {','.join(self.endpoints)}: {_reason(exc)}"
+            ) from exc
+
+    def _retrying(self, call: Callable[[], Any], attempts: int = 3) -> Any:
+        """Run an idempotent call, moving to the next endpoint when one fails."""
+        first: RegistryUnavailable | None = None
+        for attempt in range(attempts):
+            try:
+                with self._calling():
+                    return call()
+            except RegistryUnavailable as exc:
+                # The first failure names the real cause; later ones only say that every
+                # endpoint is marked failed.
+                first = first or exc
+                if attempt + 1 < attempts:
+                    time.sleep(0.05 * (attempt + 1))
+        assert first is not None
+        raise first
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:
+            log.debug("closing the etcd client failed", exc_info=True)
+
+    # ---------------------------------------------------------------------------------- reads
+
+    def snapshot(self) -> Snapshot:
+        """The whole registry in one range read, current to the response's revision."""
+        prefix = self.layout.prefix
+
+        def read() -> Snapshot:
+            response = self._client.get_prefix_response(prefix)
+            snap = Snapshot()
+            for kv in response.kvs:
+                snap.apply(
+                    self.layout, kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision
+                )
+            snap.revision = response.header.revision
+            return snap
+
+        result: Snapshot = self._retrying(read)
+        return result
+
+    def watch(
+        self, start_revision: int, callback: Callable[[list[WatchEvent] | BaseException], None]
+    ) -> Callable[[], None]:
+        """Watch the whole prefix from `start_revision`; returns a cancel function. The callback
+        gets each batch of events, or the exception that ended the watch (then re-sync)."""
+        prefix = self.layout.prefix
+
+        def on_response(response: Any) -> None:
+            if isinstance(response, BaseException):
+                callback(response)
+                return
+            events = []
+            for event in response.events:
+                is_put = isinstance(event, pyetcd.events.PutEvent)
+                events.append(
+                    WatchEvent(
+                        event.key.decode(),
+                        event.value if is_put else None,
+                        event.mod_revision,
+                        event.create_revision,
+                    )
+                )
+            if events:
+                callback(events)
+
+        with self._calling():
+            watch_id = self._client.add_watch_prefix_callback(
+                prefix, on_response, start_revision=start_revision
+            )
+
+        def cancel() -> None:
+            try:
+                self._client.cancel_watch(watch_id)
+            except Exception:
+                log.debug("cancelling the watch failed", exc_info=True)
+
+        return cancel
+
+    # ------------------------------------------------------------------------ fleetctl writes
+
+    def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        with self._calling():
+            ok, _ = self._client.transaction(compare=compare, success=success, failure=[])
+        return bool(ok)
+
+    def write_units(
+        self,
+        records: Iterable[UnitRecord],
+        desired: DesiredState | None,
+        seen: Snapshot,
+    ) -> bool:
+        """Write unit contents and/or desired states in one transaction, guarded on every touched
+        unit key still having the revision `seen` shows, so concurrent fleetctl runs cannot
+        silently overwrite each other. Returns False when the guard failed (re-read, retry)."""
+        tx = self._client.transactions
+        compare: list[Any] = []
+        success: list[Any] = []
+        for record in records:
+            key = self.layout.unit(record.name)
+            old = seen.units.get(record.name)
+            compare.append(tx.mod(key) == (old.revision if old else 0))
+            if old is None or old.hash != record.hash:
+                success.append(tx.put(key, encode_unit(record)))
+            current = seen.desired.get(record.name)
+            state = desired or (current.state if current else DesiredState.INACTIVE)
+            if current is None or current.state is not state:
+                success.append(tx.put(self.layout.desired(record.name), state.value))
+        if not success:
+            return True
+        return self._txn_batched(compare, success)
+
+    def _txn_batched(self, compare: list[Any], success: list[Any]) -> bool:
+        if len(compare) + len(success) <= MAX_TXN_OPS:
+            return self._txn(compare, success)
+        # Too large for one transaction: apply in chunks, each guarded by its own compares.
+        # The puts are idempotent, so a retry after a partial failure converges.
+        for i in range(0, max(len(success), 1), MAX_TXN_OPS // 2):
+            if not self._txn(compare[: MAX_TXN_OPS // 2], success[i : i + MAX_TXN_OPS // 2]):
+                return False
+            compare = []
+        return True
+
+    def set_desired(self, names: Iterable[str], state: DesiredState) -> None:
+        tx = self._client.transactions
+        ops = [tx.put(self.layout.desired(n), state.value) for n in names]
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            self._txn([], ops[i : i + MAX_TXN_OPS])
+
+    def destroy(self, names: Iterable[str]) -> None:
+        """Remove units' content and desired state. Owners notice, stop the unit and release it
+        themselves; their published state goes with the unload."""
+        tx = self._client.transactions
+        ops: list[Any] = []
+        for name in names:
+            ops.append(tx.delete(self.layout.unit(name)))
+            ops.append(tx.delete(self.layout.desired(name)))
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            self._txn([], ops[i : i + MAX_TXN_OPS])
+
+    # --------------------------------------------------------------------------- agent writes
+
+    def grant_lease(self, ttl: float) -> int:
+        def grant() -> int:
+            return int(self._client.lease(max(1, round(ttl))).id)
+
+        result: int = self._retrying(grant)
+        return result
+
+    def keepalive(self, lease_id: int) -> float:
+        """Refresh the lease; returns its remaining TTL in seconds (0: it has expired)."""
+        with self._calling():
+            for response in self._client.refresh_lease(lease_id):
+                return float(response.TTL)
+        return 0.0
+
+    def revoke(self, lease_id: int) -> None:
+        with self._calling():
+            self._client.revoke_lease(lease_id)
+
+    def register_machine(self, machine: Machine, lease_id: int) -> bool:
+        """Announce the machine, only if no live agent holds its id already."""
+        tx = self._client.transactions
+        key = self.layout.machine(machine.id)
+        return self._txn(
+            [tx.create(key) == 0], [tx.put(key, encode_machine(machine), lease=lease_id)]
+        )
+
+    def update_machine(self, machine: Machine, lease_id: int) -> None:
+        with self._calling():
+            self._client.put(
+                self.layout.machine(machine.id), encode_machine(machine), lease=lease_id
+            )
+
+    def claim(
+        self,
+        unit: str,
+        machine_id: str,
+        lease_id: int,
+        snapshot_revision: int,
+        desired_revision: int,
+        guards: Guards,
+    ) -> bool:
+        """Create the owner key of `unit` for `machine_id`, atomically with every guard."""
+        tx = self._client.transactions
+        owner = self.layout.owner(unit)
+        compare: list[Any] = [
+            tx.create(owner) == 0,
+            tx.mod(self.layout.desired(unit)) == desired_revision,
+            tx.create(self.layout.machine(machine_id)) > 0,
+        ]
+        units_prefix = self.layout.kind_prefix(Kind.UNIT)
+        compare.append(self._range_mod_below(units_prefix, snapshot_revision + 1))
+        owners_prefix = self.layout.kind_prefix(Kind.OWNER)
+        for prefix in sorted(guards.prefixes):
+            compare.append(self._range_mod_below(owners_prefix + prefix, snapshot_revision + 1))
+        for name, revision in sorted(guards.exact.items()):
+            compare.append(tx.mod(self.layout.owner(name)) == revision)
+        if len(compare) > MAX_TXN_OPS - 1:
+            # Too many facts to compare one by one: require that no ownership changed at all.
+            compare = [*compare[:4], self._range_mod_below(owners_prefix, snapshot_revision + 1)]
+        return self._txn(compare, [tx.put(owner, encode_owner(machine_id), lease=lease_id)])
+
+    def _range_mod_below(self, prefix: str, revision: int) -> Any:
+        compare = self._client.transactions.mod(prefix, range_end=range_end(prefix))
+        return compare < revision
+
+    def release(self, unit: str, machine_id: str) -> bool:
+        """Delete the owner key, only if this machine holds it."""
+        tx = self._client.transactions
+        owner = self.layout.owner(unit)
+        return self._txn([tx.value(owner) == encode_owner(machine_id)], [tx.delete(owner)])
+
+    def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None:
+        with self._calling():
+            self._client.put(
+                self.layout.state(unit, state.machine_id), encode_state(state), lease=lease_id
+            )
+
+    def delete_state(self, unit: str, machine_id: str) -> None:
+        with self._calling():
+            self._client.delete(self.layout.state(unit, machine_id))

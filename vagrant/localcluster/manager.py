@@ -1,0 +1,457 @@
+"""One simulated machine's init system: a real `systemd --user` manager, launched, found again,
+stopped and killed.
+
+Each manager runs in a private mount namespace (so it can have a /run/systemd/system of its own,
+which makes systemd believe it booted under systemd), with a private XDG runtime dir holding its
+session bus, and in a cgroup subtree of its own: without that, units of the same name on two
+managers share one cgroup and stopping one kills the other's processes.
+
+The launch is detached (own session, output to a log file) and described by a JSON file in the
+machine's state dir, so a later process can find the manager again with `ManagerHandle.load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SYSTEMD = "/lib/systemd/systemd"
+UNSHARE = "/usr/bin/unshare"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+HANDLE_FILE = "manager.json"
+LOG_FILE = "manager.log"
+RUNTIME_DIR = "run"
+# Processes moved in with add_process live in a leaf of their own: on a pure cgroup v2 layout a
+# cgroup whose children have controllers enabled cannot hold processes itself.
+EXTRA_CGROUP = "added"
+
+# sockaddr_un.sun_path is 108 bytes; systemd puts "systemd/private" and deeper paths in the
+# runtime dir, so leave room for them.
+_MAX_RUNTIME_DIR = 80
+
+_LAUNCH_SCRIPT = """
+set -e
+for procs in "$@"; do echo $$ > "$procs"; done
+mkdir -p /run/systemd
+mount -t tmpfs -o mode=755 tmpfs /run/systemd
+mkdir -p /run/systemd/system
+exec "$SYSTEMD_BINARY" --user
+"""
+
+_PR_SET_CHILD_SUBREAPER = 36
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ManagerError(RuntimeError):
+    """A manager could not be started, stopped or cleaned up; the message says which and why."""
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """The mounted cgroup hierarchies a manager's subtree must exist in.
+
+    Hybrid layout (this project's hosts): the named v1 "systemd" hierarchy systemd tracks units
+    in, plus the v2 "unified" one it mirrors them into. Pure v2: the one hierarchy at the root.
+    """
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]
+    found = [
+        CGROUP_ROOT / sub
+        for sub in ("systemd", "unified")
+        if (CGROUP_ROOT / sub / "cgroup.procs").exists()
+    ]
+    if not found:
+        raise ManagerError(f"no systemd cgroup hierarchy mounted under {CGROUP_ROOT}")
+    return found
+
+
+def cgroup_name(name: str, state_dir: Path) -> str:
+    """A cgroup name unique per state dir (so per cluster and machine) yet readable in ps."""
+    digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return f"fleet-local-{digest}-{safe}"
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants of this process instead of leaving them to PID 1.
+
+    When a manager is killed its units' processes are orphaned; on hosts whose PID 1 never
+    reaps, they would stay zombies forever. A caller that starts and kills managers itself
+    (test fixtures) calls this once so that `kill` can reap them.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class ManagerHandle:
+    """A launched manager as recorded in its state dir."""
+
+    name: str
+    state_dir: Path
+    runtime_dir: Path
+    bus_address: str
+    pid: int
+    cgroup: str
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ManagerHandle | None:
+        """The handle `start_manager` recorded in state_dir, or None if there is none."""
+        try:
+            raw = json.loads((state_dir / HANDLE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        try:
+            return cls(
+                name=str(raw["name"]),
+                state_dir=Path(raw["state_dir"]),
+                runtime_dir=Path(raw["runtime_dir"]),
+                bus_address=str(raw["bus_address"]),
+                pid=int(raw["pid"]),
+                cgroup=str(raw["cgroup"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManagerError(f"{state_dir / HANDLE_FILE} is malformed: {exc}") from exc
+
+    def save(self) -> None:
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        tmp = self.state_dir / f".{HANDLE_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.state_dir / HANDLE_FILE)
+
+    def env(self) -> dict[str, str]:
+        """What a client (systemctl --user, fleetd) needs in its environment to reach this
+        manager rather than whatever session the caller inherited."""
+        return {
+            "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            "DBUS_SESSION_BUS_ADDRESS": self.bus_address,
+        }
+
+    def cgroup_dirs(self) -> list[Path]:
+        return [h / self.cgroup for h in cgroup_hierarchies()]
+
+    def is_running(self) -> bool:
+        """Whether the manager process is alive. A pid recycled by an unrelated process does
+        not count: the process must still sit in this manager's cgroup."""
+        _reap(self.pid)
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            cgroups = Path(f"/proc/{self.pid}/cgroup").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        # The state letter follows the parenthesised command name, which may contain spaces.
+        if stat.rpartition(")")[2].split()[0] in ("Z", "X"):
+            return False
+        return any(
+            line.split(":", 2)[2].startswith(f"/{self.cgroup}/")
+            or line.split(":", 2)[2] == f"/{self.cgroup}"
+            for line in cgroups.splitlines()
+            if line.count(":") >= 2
+        )
+
+    def processes(self) -> dict[int, int]:
+        """Every live process in the manager's cgroup subtree: pid -> parent pid."""
+        found: dict[int, int] = {}
+        for top in self.cgroup_dirs():
+            if not top.is_dir():
+                continue
+            for dirpath, _dirs, _files in os.walk(top):
+                try:
+                    text = (Path(dirpath) / "cgroup.procs").read_text()
+                except FileNotFoundError:
+                    continue
+                for token in text.split():
+                    pid = int(token)
+                    if pid not in found:
+                        found[pid] = _parent_of(pid)
+        return found
+
+    def stop(self, timeout: float = 10) -> None:
+        """Shut the manager down as systemd would on logout (its units are stopped in order),
+        then kill whatever is still left in its cgroup after `timeout` seconds."""
+        if self.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.is_running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.kill()
+
+    def kill(self) -> None:
+        """Power cut: SIGKILL every process in the subtree (manager, units, added processes)
+        and wait until the subtree is empty."""
+        seen: dict[int, int] = {}
+        me = os.getpid()
+        deadline = time.monotonic() + 10
+        while True:
+            procs = self.processes()
+            if not procs:
+                break
+            if time.monotonic() > deadline:
+                raise ManagerError(
+                    f"processes {sorted(procs)} of machine {self.name} survived SIGKILL"
+                )
+            seen.update({pid: ppid for pid, ppid in procs.items() if pid not in seen})
+            # cgroup.kill (v2, Linux 5.14+) also catches processes forked while we iterate.
+            for top in self.cgroup_dirs():
+                with contextlib.suppress(OSError):
+                    (top / "cgroup.kill").write_text("1")
+            for pid in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+        # A process leaves its cgroup before its children are handed to a reaper, so wait for
+        # the manager to be a zombie (or gone) before reaping the orphans this process adopted.
+        while _is_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _reap(self.pid)
+        for pid, ppid in seen.items():
+            # Our own direct children belong to whoever spawned them (a Popen object would
+            # lose their exit status); only orphans we adopted as subreaper are ours to reap.
+            if ppid != me:
+                _reap(pid)
+
+    def add_process(self, pid: int) -> None:
+        """Move another process (that machine's fleetd) into the machine, so `kill` takes it
+        down with the manager as a power cut would."""
+        for top in self.cgroup_dirs():
+            leaf = top / EXTRA_CGROUP
+            leaf.mkdir(exist_ok=True)
+            try:
+                (leaf / "cgroup.procs").write_text(str(pid))
+            except OSError as exc:
+                raise ManagerError(
+                    f"cannot move pid {pid} into machine {self.name} ({leaf}): {exc}"
+                ) from exc
+
+    def cleanup(self) -> None:
+        """Remove what the manager leaves behind: processes (killed if any remain), its cgroup
+        directories (deepest first, as the kernel requires), its runtime dir and handle file.
+        The tmpfs on /run/systemd dies with the last process of its mount namespace."""
+        if self.processes() or self.is_running():
+            self.kill()
+        for top in self.cgroup_dirs():
+            _remove_cgroup_tree(top)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / HANDLE_FILE).unlink()
+
+
+def start_manager(name: str, state_dir: Path, timeout: float = 10) -> ManagerHandle:
+    """Launch a detached user manager for machine `name` with its state in `state_dir`.
+
+    Returns once the manager answers on its session bus with SystemState running or degraded.
+    Raises ManagerError (after cleaning up) if it dies or is not ready within `timeout`.
+    """
+    if os.geteuid() != 0:
+        raise ManagerError("starting a systemd manager with its own cgroup needs root")
+    if not Path(SYSTEMD).exists():
+        raise ManagerError(f"{SYSTEMD} is missing: install systemd")
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    runtime_dir = state_dir / RUNTIME_DIR
+    if len(str(runtime_dir)) > _MAX_RUNTIME_DIR:
+        raise ManagerError(
+            f"state dir {state_dir} is too long: unix socket paths under it would exceed the "
+            "108-byte limit; use a shorter path"
+        )
+
+    previous = ManagerHandle.load(state_dir)
+    if previous is not None:
+        if previous.is_running():
+            raise ManagerError(
+                f"machine {name} already has a manager running (pid {previous.pid}); stop it first"
+            )
+        previous.cleanup()
+
+    cgroup = cgroup_name(name, state_dir)
+    handle = ManagerHandle(
+        name=name,
+        state_dir=state_dir,
+        runtime_dir=runtime_dir,
+        bus_address=f"unix:path={runtime_dir}/bus",
+        pid=0,
+        cgroup=cgroup,
+    )
+    # Leftovers of a manager that was killed without cleanup would confuse the new one.
+    for top in handle.cgroup_dirs():
+        if top.is_dir():
+            _kill_tree(top)
+            _remove_cgroup_tree(top)
+        top.mkdir()
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    runtime_dir.mkdir(mode=0o700)
+    os.chmod(runtime_dir, 0o700)  # mkdir's mode is filtered through the umask
+    for sub in ("config", "data", "state", "cache"):
+        (state_dir / sub).mkdir(exist_ok=True)
+
+    handle.pid = _spawn(handle)
+    handle.save()
+    try:
+        _wait_ready(handle, timeout)
+    except BaseException:
+        handle.kill()
+        handle.cleanup()
+        raise
+    return handle
+
+
+def _manager_env(handle: ManagerHandle) -> dict[str, str]:
+    # Built from scratch: an inherited DBUS_SESSION_BUS_ADDRESS would make this manager register
+    # on another manager's bus, and XDG_* from the caller would make managers share unit dirs.
+    env = {
+        "PATH": os.environ.get("PATH", _DEFAULT_PATH),
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "SYSTEMD_BINARY": SYSTEMD,
+        "XDG_CONFIG_HOME": str(handle.state_dir / "config"),
+        "XDG_DATA_HOME": str(handle.state_dir / "data"),
+        "XDG_STATE_HOME": str(handle.state_dir / "state"),
+        "XDG_CACHE_HOME": str(handle.state_dir / "cache"),
+    }
+    env.update(handle.env())
+    return env
+
+
+def _spawn(handle: ManagerHandle) -> int:
+    log = handle.state_dir / LOG_FILE
+    argv = [
+        UNSHARE, "--mount", "--propagation", "private", "--",
+        "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch",
+        *(str(top / "cgroup.procs") for top in handle.cgroup_dirs()),
+    ]  # fmt: skip
+    # posix_spawn rather than Popen: the manager outlives this call and maybe this process, and
+    # a Popen object would complain when collected while its child still runs. unshare execs sh
+    # which execs systemd, so the spawned pid is the manager's pid.
+    return os.posix_spawn(
+        UNSHARE,
+        argv,
+        _manager_env(handle),
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+        setsid=True,
+    )
+
+
+def _wait_ready(handle: ManagerHandle, timeout: float) -> None:
+    # Asking over the session bus (not systemctl's private socket) proves both that the manager
+    # is up and that the bus clients such as fleetd will use answers.
+    query = [
+        "busctl", "--user", "get-property", "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "SystemState",
+    ]  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **handle.env()}
+    deadline = time.monotonic() + timeout
+    state = "no answer"
+    while time.monotonic() < deadline:
+        # Not is_running(): the launcher joins the cgroup only a moment after the spawn.
+        _reap(handle.pid)
+        if not _is_alive(handle.pid):
+            raise ManagerError(
+                f"manager of machine {handle.name} exited during startup: {_log_tail(handle)}"
+            )
+        if (handle.runtime_dir / "bus").exists():
+            result = subprocess.run(
+                query, env=env, capture_output=True, text=True, timeout=max(1.0, timeout)
+            )
+            if result.returncode == 0:
+                # busctl prints a property as its signature and value: s "running"
+                state = result.stdout.strip().removeprefix("s ").strip('"')
+                if state in ("running", "degraded"):
+                    return
+        time.sleep(0.02)
+    raise ManagerError(
+        f"manager of machine {handle.name} not ready after {timeout}s (last state: {state}); "
+        f"see {handle.state_dir / LOG_FILE}"
+    )
+
+
+def _log_tail(handle: ManagerHandle) -> str:
+    try:
+        lines = (handle.state_dir / LOG_FILE).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "no log"
+    return " | ".join(lines[-5:]) or "empty log"
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid` if it is a dead child of this process; anything else is left alone."""
+    if pid <= 0:
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _kill_tree(top: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = [
+            int(token)
+            for dirpath, _dirs, _files in os.walk(top)
+            for token in _read_or_empty(Path(dirpath) / "cgroup.procs").split()
+        ]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+    raise ManagerError(f"processes in {top} survived SIGKILL")
+
+
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _remove_cgroup_tree(top: Path) -> None:
+    if not top.is_dir():
+        return
+    deadline = time.monotonic() + 5
+    # cgroup dirs hold only kernel control files, which rmdir ignores; children must go first.
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        while True:
+            try:
+                os.rmdir(dirpath)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                # EBUSY while the last process's exit is still being accounted for.
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise ManagerError(f"cannot remove cgroup {dirpath}: {exc}") from exc
+                time.sleep(0.01)

@@ -1,0 +1,181 @@
+"""An in-memory UnitManager that behaves like a systemd manager as far as fleet can observe.
+
+Used by pure-logic tests and the scale simulator. It shares the contract suite in
+tests/contract/test_unit_manager.py with `fleetd.systemd.DbusUnitManager`, which pins down the
+behaviour it mirrors, as measured on systemd 252:
+
+* Files and the manager's memory are separate. `load` writes (and links) a file; the manager
+  reads a file when it first needs the unit (start, a state query) and again on `reload`. A unit
+  already in memory keeps its old text until a reload; a running unit keeps running what it was
+  started with until it is restarted.
+* Units that are inactive and not failed are forgotten at once (systemd's garbage collection), so
+  they are read afresh from disk the next time they are needed.
+* Nothing runs: what a started unit does is decided by `outcome`, by default from its ExecStart
+  line (`/bin/false` or `exit N` with N != 0 fails; `/bin/true` or `exit 0` finishes; anything
+  else keeps running).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.model import SystemdState
+
+NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+
+_INSTALL_SECTION = re.compile(r"^\s*\[Install\]\s*$", re.MULTILINE)
+_EXEC_START = re.compile(r"^\s*ExecStart\s*=\s*(.*)$", re.MULTILINE)
+_EXIT_CODE = re.compile(r"\bexit\s+(\d+)")
+
+
+class Outcome(Enum):
+    """What the main process of a started unit does."""
+
+    RUNS = "runs"
+    SUCCEEDS = "succeeds"
+    FAILS = "fails"
+
+
+def outcome_from_exec_start(text: str) -> Outcome:
+    """Guess what a unit's ExecStart would do, for the few shapes tests use."""
+    match = _EXEC_START.search(text)
+    if match is None:
+        return Outcome.FAILS  # systemd refuses a service without ExecStart
+    command = match.group(1).strip().lstrip("-@:+!")
+    if re.match(r"^(/usr)?(/bin/)?false\b", command):
+        return Outcome.FAILS
+    if re.match(r"^(/usr)?(/bin/)?true\b", command):
+        return Outcome.SUCCEEDS
+    if "while" not in command and (code := _EXIT_CODE.search(command)) is not None:
+        return Outcome.SUCCEEDS if code.group(1) == "0" else Outcome.FAILS
+    return Outcome.RUNS
+
+
+def _remains_after_exit(text: str) -> bool:
+    return re.search(r"^\s*RemainAfterExit\s*=\s*(yes|true|on|1)\s*$", text, re.M) is not None
+
+
+@dataclass
+class _Unit:
+    """A unit as the manager holds it in memory."""
+
+    text: str  # what the manager last read from disk
+    active: str = "inactive"
+    sub: str = "dead"
+    file_missing: bool = False  # the file vanished while the unit was active
+    running_text: str | None = None  # what the current run was started from
+
+
+class FakeUnitManager:
+    """In-memory UnitManager; see the module docstring for the systemd behaviour it mirrors."""
+
+    def __init__(self, outcome: Callable[[str], Outcome] = outcome_from_exec_start) -> None:
+        self._outcome = outcome
+        self._files: dict[str, str] = {}
+        self._enabled: set[str] = set()
+        self._memory: dict[str, _Unit] = {}
+        self.reloads = 0  # how often reload was called, for tests that count round trips
+
+    def load(self, name: str, text: str) -> None:
+        _check_name(name)
+        self._files[name] = text
+        if _INSTALL_SECTION.search(text):
+            self._enabled.add(name)
+        else:
+            self._enabled.discard(name)
+
+    def reload(self) -> None:
+        self.reloads += 1
+        for name, unit in list(self._memory.items()):
+            if name in self._files:
+                unit.text = self._files[name]
+                unit.file_missing = False
+            else:
+                unit.file_missing = True
+        self._collect_garbage()
+
+    def start(self, name: str) -> None:
+        _check_name(name)
+        unit = self._get(name)
+        if unit is None or unit.file_missing:
+            raise SystemdError(f"systemd could not start {name}: Unit {name} not found.")
+        if unit.active == "active":
+            return
+        unit.running_text = unit.text
+        outcome = self._outcome(unit.text)
+        if outcome is Outcome.RUNS:
+            unit.active, unit.sub = "active", "running"
+        elif outcome is Outcome.FAILS:
+            unit.active, unit.sub = "failed", "failed"
+        elif _remains_after_exit(unit.text):
+            unit.active, unit.sub = "active", "exited"
+        else:
+            unit.active, unit.sub = "inactive", "dead"
+        self._collect_garbage()
+
+    def stop(self, name: str) -> None:
+        _check_name(name)
+        unit = self._get(name)
+        if unit is None:
+            raise SystemdError(f"systemd could not stop {name}: Unit {name} not loaded.")
+        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
+        if unit.active == "active":
+            unit.active, unit.sub = "inactive", "dead"
+        unit.running_text = None
+        self._collect_garbage()
+
+    def unload(self, name: str) -> None:
+        _check_name(name)
+        self._enabled.discard(name)
+        unit = self._memory.get(name)
+        if unit is not None and unit.active == "failed":
+            unit.active, unit.sub = "inactive", "dead"
+        self._files.pop(name, None)
+        self._collect_garbage()
+
+    def loaded_units(self) -> dict[str, str]:
+        return {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._files.items()}
+
+    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+        result: dict[str, SystemdState] = {}
+        for name in names:
+            unit = self._get(name)
+            if unit is None:
+                result[name] = NOT_FOUND
+            else:
+                load = "not-found" if unit.file_missing else "loaded"
+                result[name] = SystemdState(load=load, active=unit.active, sub=unit.sub)
+        self._collect_garbage()
+        return result
+
+    def unit_file_state(self, name: str) -> str:
+        """systemd's UnitFileState for the unit: how it is linked and enabled."""
+        if name not in self._files:
+            return "not-found"
+        return "enabled-runtime" if name in self._enabled else "linked-runtime"
+
+    def running_text(self, name: str) -> str | None:
+        """The unit text the current run of `name` was started from (None when not running);
+        the fake's stand-in for looking at what a real process does."""
+        unit = self._memory.get(name)
+        return unit.running_text if unit is not None and unit.active == "active" else None
+
+    def _get(self, name: str) -> _Unit | None:
+        unit = self._memory.get(name)
+        if unit is None and name in self._files:
+            unit = self._memory[name] = _Unit(text=self._files[name])
+        return unit
+
+    def _collect_garbage(self) -> None:
+        for name in [n for n, u in self._memory.items() if u.active == "inactive"]:
+            del self._memory[name]
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise InvalidUnitName(f"{name!r} is not a unit name that can be a file name")

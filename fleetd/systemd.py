@@ -1,0 +1,153 @@
+"""The UnitManager port over systemd's D-Bus API (org.freedesktop.systemd1.Manager).
+
+Owns the agent's units directory: every unit the agent runs is a file written here, linked into
+the manager at runtime (so nothing survives a reboot that fleet did not ask for again) and, when
+it has an [Install] section, enabled at runtime too. One bus connection and one Manager proxy are
+made per adapter and reused: a fresh proxy introspects the object on every creation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gi.repository import GLib
+from pydbus import SystemBus, connect
+
+from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.model import SystemdState
+
+SYSTEMD_SERVICE = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+
+NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+
+_INSTALL_SECTION = re.compile(r"^\s*\[Install\]\s*$", re.MULTILINE)
+# D-Bus error names systemd uses when the unit (or its link) simply is not there; an unload of a
+# unit that never made it that far is not a failure.
+_ABSENT_ERRORS = ("NoSuchUnit", "LoadFailed", "UnitNotFound", "No such file")
+
+
+def has_install_section(text: str) -> bool:
+    return _INSTALL_SECTION.search(text) is not None
+
+
+def unit_hash(text: str) -> str:
+    """The content hash fleet publishes for a unit file."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+class DbusUnitManager:
+    """A systemd manager (system bus, or a user manager's session bus) driven over D-Bus."""
+
+    def __init__(
+        self, units_directory: Path, user: bool = False, bus_address: str | None = None
+    ) -> None:
+        self.units_directory = units_directory
+        try:
+            if user:
+                address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+                if not address:
+                    raise SystemdError(
+                        "no session bus to reach the user manager: set DBUS_SESSION_BUS_ADDRESS"
+                    )
+                self._bus: Any = connect(address)
+            else:
+                self._bus = SystemBus()
+            self._manager: Any = self._bus.get(SYSTEMD_SERVICE, SYSTEMD_PATH)
+        except GLib.Error as exc:
+            where = "the user manager's session bus" if user else "the system bus"
+            raise SystemdError(f"cannot reach systemd on {where}: {_brief(exc)}") from exc
+
+    def close(self) -> None:
+        """Drop the bus connection (only needed when the adapter outlives its use)."""
+        if getattr(self._bus, "autoclose", False):
+            with contextlib.suppress(GLib.Error):
+                self._bus.con.close_sync(None)
+
+    def load(self, name: str, text: str) -> None:
+        path = self._path(name)
+        self.units_directory.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed so that a crash never leaves a half-written unit that a
+        # later reload would pick up.
+        tmp = self.units_directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(path)
+        self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
+        if has_install_section(text):
+            self._call(name, "enable", "EnableUnitFiles", [name], True, True)
+
+    def reload(self) -> None:
+        self._call("(all units)", "reload", "Reload")
+
+    def start(self, name: str) -> None:
+        self._path(name)
+        self._call(name, "start", "StartUnit", name, "replace")
+
+    def stop(self, name: str) -> None:
+        self._path(name)
+        self._call(name, "stop", "StopUnit", name, "replace")
+
+    def unload(self, name: str) -> None:
+        path = self._path(name)
+        self._call(name, "disable", "DisableUnitFiles", [name], True, tolerate_absent=True)
+        self._call(name, "reset the failed state of", "ResetFailedUnit", name, tolerate_absent=True)
+        path.unlink(missing_ok=True)
+
+    def loaded_units(self) -> dict[str, str]:
+        try:
+            entries = list(self.units_directory.iterdir())
+        except FileNotFoundError:
+            return {}
+        return {
+            entry.name: unit_hash(entry.read_text())
+            for entry in entries
+            if not entry.name.startswith(".") and entry.is_file()
+        }
+
+    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        rows = self._call("(state query)", "list", "ListUnitsByNames", wanted)
+        found = {row[0]: SystemdState(load=row[2], active=row[3], sub=row[4]) for row in rows or []}
+        return {name: found.get(name, NOT_FOUND) for name in wanted}
+
+    def unit_file_state(self, name: str) -> str:
+        """systemd's UnitFileState for the unit ("linked-runtime", "enabled-runtime", ...), or
+        "not-found" when no file of that name is installed."""
+        self._path(name)
+        state = self._call(
+            name, "read the file state of", "GetUnitFileState", name, tolerate_absent=True
+        )
+        return "not-found" if state is None else str(state)
+
+    def _path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise InvalidUnitName(f"{name!r} is not a unit name that can be a file name")
+        return self.units_directory / name
+
+    def _call(
+        self, unit: str, what: str, method: str, *args: Any, tolerate_absent: bool = False
+    ) -> Any:
+        try:
+            return getattr(self._manager, method)(*args)
+        except GLib.Error as exc:
+            message = _brief(exc)
+            if tolerate_absent and any(marker in message for marker in _ABSENT_ERRORS):
+                return None
+            raise SystemdError(f"systemd could not {what} {unit}: {message}") from exc
+
+
+def _brief(exc: GLib.Error) -> str:
+    """GLib's message without the "GDBus.Error:org.freedesktop.systemd1.X: " prefix, on one line."""
+    message = str(exc.message or exc)
+    if message.startswith("GDBus.Error:"):
+        name, _, rest = message.partition(" ")
+        message = f"{rest} ({name.rsplit('.', 1)[-1].rstrip(':')})"
+    return " ".join(message.split())

@@ -1,0 +1,361 @@
+"""The UnitManager contract, run against the in-memory fake and the D-Bus adapter on a real
+`systemd --user` manager, so the fake cannot drift from what systemd does.
+
+Real units are asynchronous (start/stop only queue a job), so every expectation about a state is
+a bounded poll; against the fake the first poll already sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.fake_systemd import FakeUnitManager
+from fleetd.model import SystemdState
+from fleetd.systemd import DbusUnitManager
+
+try:
+    from tests.support.systemd_fixtures import (
+        ManagerHandle,
+        requires_real_manager,
+        running_manager,
+        user_manager,
+    )
+except ModuleNotFoundError:  # tests/ itself is on sys.path rather than the repository root
+    from support.systemd_fixtures import (  # type: ignore[no-redef]
+        ManagerHandle,
+        requires_real_manager,
+        running_manager,
+        user_manager,
+    )
+
+__all__ = ["user_manager"]  # a fixture: imported so pytest finds it here
+
+NOT_FOUND = SystemdState("not-found", "inactive", "dead")
+POLL_TIMEOUT = 15.0
+
+
+def looping_unit(marker: str, out: Path, install: bool = False) -> str:
+    """A unit that records `marker` in `out` when it starts, then runs until stopped."""
+    text = (
+        "[Unit]\n"
+        f"Description={marker}\n"
+        "[Service]\n"
+        "Type=simple\n"
+        # systemd turns "$$" into "$", so the shell sees "$$": its own pid.
+        f"ExecStart=/bin/sh -c 'echo {marker} $$$$ > {out}; while :; do echo hi; sleep 1; done'\n"
+    )
+    if install:
+        text += "[Install]\nWantedBy=default.target\n"
+    return text
+
+
+FAILING_UNIT = "[Service]\nType=simple\nExecStart=/bin/sh -c 'exit 1'\n"
+
+
+@dataclass
+class Backend:
+    """One UnitManager under test plus the backend-specific way to see what a unit runs."""
+
+    kind: str
+    manager: FakeUnitManager | DbusUnitManager
+    workdir: Path
+    started: list[str] = field(default_factory=list)
+
+    def unit_name(self, stem: str = "u", suffix: str = ".service") -> str:
+        return f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+
+    def wait_state(self, name: str, want: Callable[[SystemdState], bool]) -> SystemdState:
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while True:
+            state = self.manager.states([name])[name]
+            if want(state) or time.monotonic() > deadline:
+                return state
+            time.sleep(0.02)
+
+    def wait_active(self, name: str) -> SystemdState:
+        return self.wait_state(name, lambda s: s.active == "active")
+
+    def wait_inactive(self, name: str) -> SystemdState:
+        return self.wait_state(name, lambda s: s.active in ("inactive", "failed"))
+
+    def running_marker(self, name: str, expect: str) -> str | None:
+        """The marker of the unit text the running process was started from."""
+        if isinstance(self.manager, FakeUnitManager):
+            text = self.manager.running_text(name)
+            found = re.search(r"^Description=(.*)$", text or "", re.MULTILINE)
+            return found.group(1) if found else None
+        out = self.out(name)
+        deadline = time.monotonic() + POLL_TIMEOUT
+        marker = None
+        while time.monotonic() < deadline:
+            if out.exists() and (words := out.read_text().split()):
+                marker = words[0]
+                if marker == expect:
+                    break
+            time.sleep(0.02)
+        return marker
+
+    def out(self, name: str) -> Path:
+        return self.workdir / f"{name}.out"
+
+    def start(self, name: str) -> None:
+        self.started.append(name)
+        self.manager.start(name)
+
+
+@pytest.fixture(params=["fake", "real"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "fake":
+        yield Backend("fake", FakeUnitManager(), tmp_path)
+        return
+    # Skips with the reason when real managers cannot run here.
+    handle: ManagerHandle = request.getfixturevalue("user_manager")
+    manager = DbusUnitManager(tmp_path / "units", user=True, bus_address=handle.bus_address)
+    backend = Backend("real", manager, tmp_path)
+    try:
+        yield backend
+    finally:
+        # The manager is shared by the module: leave nothing running or installed behind.
+        for name in backend.started:
+            with contextlib.suppress(SystemdError):
+                manager.stop(name)
+        for name in backend.started:
+            backend.wait_inactive(name)
+        for name in manager.loaded_units():
+            manager.unload(name)
+        manager.reload()
+        manager.close()
+
+
+def test_load_reload_start_runs_the_unit(backend: Backend) -> None:
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.manager.reload()
+    backend.start(name)
+    assert backend.wait_active(name) == SystemdState("loaded", "active", "running")
+    assert backend.running_marker(name, "v1") == "v1"
+
+
+def test_stop_makes_the_unit_inactive(backend: Backend) -> None:
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.manager.reload()
+    backend.start(name)
+    backend.wait_active(name)
+    backend.manager.stop(name)
+    assert backend.wait_inactive(name) == SystemdState("loaded", "inactive", "dead")
+
+
+def test_unload_removes_the_file_and_the_unit(backend: Backend) -> None:
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.manager.reload()
+    backend.start(name)
+    backend.wait_active(name)
+    backend.manager.stop(name)
+    backend.wait_inactive(name)
+    backend.manager.unload(name)
+    backend.manager.reload()
+    assert name not in backend.manager.loaded_units()
+    assert not (backend.workdir / "units" / name).exists()
+    assert backend.manager.states([name]) == {name: NOT_FOUND}
+    assert backend.manager.unit_file_state(name) == "not-found"
+
+
+def test_loaded_units_hashes_the_file_text(backend: Backend) -> None:
+    a, b = backend.unit_name("a"), backend.unit_name("b")
+    text_a, text_b = looping_unit("va", backend.out(a)), looping_unit("vb", backend.out(b))
+    backend.manager.load(a, text_a)
+    backend.manager.load(b, text_b)
+    assert backend.manager.loaded_units() == {
+        a: hashlib.sha1(text_a.encode()).hexdigest(),
+        b: hashlib.sha1(text_b.encode()).hexdigest(),
+    }
+    backend.manager.unload(a)
+    assert backend.manager.loaded_units() == {b: hashlib.sha1(text_b.encode()).hexdigest()}
+
+
+def test_unit_with_install_section_is_enabled_at_runtime(backend: Backend) -> None:
+    plain, installed = backend.unit_name("plain"), backend.unit_name("installed")
+    backend.manager.load(plain, looping_unit("v1", backend.out(plain)))
+    backend.manager.load(installed, looping_unit("v1", backend.out(installed), install=True))
+    backend.manager.reload()
+    assert backend.manager.unit_file_state(plain) == "linked-runtime"
+    assert backend.manager.unit_file_state(installed) == "enabled-runtime"
+    backend.manager.unload(installed)
+    backend.manager.reload()
+    assert backend.manager.unit_file_state(installed) == "not-found"
+
+
+def test_unit_whose_process_exits_1_fails_and_unload_resets_it(backend: Backend) -> None:
+    name = backend.unit_name("fails")
+    backend.manager.load(name, FAILING_UNIT)
+    backend.manager.reload()
+    backend.start(name)
+    assert backend.wait_state(name, lambda s: s.active == "failed") == SystemdState(
+        "loaded", "failed", "failed"
+    )
+    backend.manager.unload(name)
+    backend.manager.reload()
+    assert backend.manager.states([name]) == {name: NOT_FOUND}
+
+
+def test_states_of_unknown_units_read_not_found(backend: Backend) -> None:
+    names = [backend.unit_name("nope"), backend.unit_name("nope", "@1.service"), "x.socket"]
+    assert backend.manager.states(names) == dict.fromkeys(names, NOT_FOUND)
+    assert backend.manager.states([]) == {}
+
+
+def test_states_mix_known_and_unknown_units(backend: Backend) -> None:
+    known, unknown = backend.unit_name("known"), backend.unit_name("unknown")
+    backend.manager.load(known, looping_unit("v1", backend.out(known)))
+    backend.manager.reload()
+    assert backend.manager.states([known, unknown]) == {
+        known: SystemdState("loaded", "inactive", "dead"),
+        unknown: NOT_FOUND,
+    }
+
+
+def test_start_or_stop_of_a_unit_never_loaded_raises(backend: Backend) -> None:
+    name = backend.unit_name("never")
+    with pytest.raises(SystemdError, match=re.escape(name)):
+        backend.manager.start(name)
+    with pytest.raises(SystemdError, match=re.escape(name)):
+        backend.manager.stop(name)
+
+
+def test_unload_of_a_unit_never_loaded_is_harmless(backend: Backend) -> None:
+    name = backend.unit_name("never")
+    backend.manager.unload(name)
+    backend.manager.reload()
+    assert backend.manager.states([name]) == {name: NOT_FOUND}
+
+
+def test_a_freshly_loaded_unit_starts_even_before_reload(backend: Backend) -> None:
+    # systemd 252 reads a unit file it has never seen on demand; only changes to a unit it
+    # already holds need the reload.
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.start(name)
+    assert backend.wait_active(name).sub == "running"
+
+
+def test_replacing_the_text_runs_the_new_text_after_reload_and_restart(backend: Backend) -> None:
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.manager.reload()
+    backend.start(name)
+    backend.wait_active(name)
+    assert backend.running_marker(name, "v1") == "v1"
+
+    backend.manager.load(name, looping_unit("v2", backend.out(name)))
+    backend.manager.reload()
+    # A reload does not touch the running process.
+    assert backend.manager.states([name])[name].active == "active"
+    assert backend.running_marker(name, "v1") == "v1"
+
+    backend.manager.stop(name)
+    backend.wait_inactive(name)
+    backend.start(name)
+    backend.wait_active(name)
+    assert backend.running_marker(name, "v2") == "v2"
+
+
+def test_template_instance_runs_from_a_file_of_its_own_name(backend: Backend) -> None:
+    name = backend.unit_name("hello", "@1.service")
+    backend.manager.load(name, looping_unit("i1", backend.out(name)))
+    backend.manager.reload()
+    backend.start(name)
+    assert backend.wait_active(name) == SystemdState("loaded", "active", "running")
+    assert set(backend.manager.loaded_units()) == {name}
+    if backend.kind == "real":
+        assert (backend.workdir / "units" / name).read_text().startswith("[Unit]")
+
+
+@pytest.mark.parametrize("bad", ["", "../evil.service", "a/b.service", ".hidden.service"])
+def test_names_that_cannot_be_file_names_are_refused(backend: Backend, bad: str) -> None:
+    with pytest.raises(InvalidUnitName):
+        backend.manager.load(bad, FAILING_UNIT)
+
+
+@requires_real_manager
+def test_same_unit_name_on_two_managers_is_isolated(tmp_path: Path) -> None:
+    """Stopping a unit on one machine must not touch the same-named unit on another: each
+    manager has its own cgroup subtree."""
+    name = "same.service"
+    with (
+        running_manager("a", tmp_path / "a") as machine_a,
+        running_manager("b", tmp_path / "b") as machine_b,
+    ):
+        assert machine_a.cgroup != machine_b.cgroup
+        adapters = {
+            key: DbusUnitManager(tmp_path / key / "units", user=True, bus_address=h.bus_address)
+            for key, h in (("a", machine_a), ("b", machine_b))
+        }
+        try:
+            for key, adapter in adapters.items():
+                adapter.load(name, looping_unit(key, tmp_path / f"{key}.out"))
+                adapter.reload()
+                adapter.start(name)
+            pids = {}
+            for key, adapter in adapters.items():
+                backend = Backend("real", adapter, tmp_path)
+                assert backend.wait_active(name).sub == "running"
+                deadline = time.monotonic() + POLL_TIMEOUT
+                out = tmp_path / f"{key}.out"
+                while not (out.exists() and len(out.read_text().split()) == 2):
+                    assert time.monotonic() < deadline, f"unit on {key} never wrote {out}"
+                    time.sleep(0.02)
+                pids[key] = int(out.read_text().split()[1])
+
+            adapters["a"].stop(name)
+            Backend("real", adapters["a"], tmp_path).wait_inactive(name)
+            assert adapters["a"].states([name])[name].active == "inactive"
+            os.kill(pids["b"], 0)  # still alive: raises ProcessLookupError otherwise
+            assert adapters["b"].states([name])[name] == SystemdState("loaded", "active", "running")
+        finally:
+            for adapter in adapters.values():
+                adapter.close()
+
+
+@requires_real_manager
+def test_manager_is_found_again_and_kill_takes_added_processes(tmp_path: Path) -> None:
+    """The local cluster's launcher: a later process finds the manager from its state dir, and a
+    power cut kills the manager, its units and processes added to the machine."""
+    import subprocess
+
+    with running_manager("m", tmp_path / "m") as handle:
+        again = ManagerHandle.load(tmp_path / "m")
+        assert again == handle and again.is_running()
+        extra = subprocess.Popen(["sleep", "300"])
+        try:
+            handle.add_process(extra.pid)
+            adapter = DbusUnitManager(tmp_path / "units", user=True, bus_address=handle.bus_address)
+            try:
+                adapter.load("loop.service", looping_unit("v1", tmp_path / "loop.out"))
+                adapter.start("loop.service")
+                Backend("real", adapter, tmp_path).wait_active("loop.service")
+            finally:
+                adapter.close()
+            handle.kill()
+            assert extra.wait(timeout=5) == -9
+            assert not handle.is_running()
+            assert handle.processes() == {}
+        finally:
+            if extra.poll() is None:
+                extra.kill()
+                extra.wait()
+        handle.cleanup()
+        assert not any(d.exists() for d in handle.cgroup_dirs())
+        assert ManagerHandle.load(tmp_path / "m") is None

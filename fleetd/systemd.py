@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gi.repository import GLib
+from gi.repository import Gio, GLib
 from pydbus import SystemBus, connect
 
 from fleetd.errors import InvalidUnitName, SystemdError
@@ -28,9 +28,11 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
 _INSTALL_SECTION = re.compile(r"^\s*\[Install\]\s*$", re.MULTILINE)
-# D-Bus error names systemd uses when the unit (or its link) simply is not there; an unload of a
-# unit that never made it that far is not a failure.
-_ABSENT_ERRORS = ("NoSuchUnit", "LoadFailed", "UnitNotFound", "No such file")
+# D-Bus errors systemd answers with when the unit (or its file) simply is not there; unloading a
+# unit that never got that far is not a failure.
+_ABSENT_ERRORS = frozenset(
+    {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.FileNotFound"}
+)
 
 
 def has_install_section(text: str) -> bool:
@@ -138,16 +140,16 @@ class DbusUnitManager:
         try:
             return getattr(self._manager, method)(*args)
         except GLib.Error as exc:
-            message = _brief(exc)
-            if tolerate_absent and any(marker in message for marker in _ABSENT_ERRORS):
+            if tolerate_absent and Gio.DBusError.get_remote_error(exc) in _ABSENT_ERRORS:
                 return None
-            raise SystemdError(f"systemd could not {what} {unit}: {message}") from exc
+            raise SystemdError(f"systemd could not {what} {unit}: {_brief(exc)}") from exc
 
 
 def _brief(exc: GLib.Error) -> str:
-    """GLib's message without the "GDBus.Error:org.freedesktop.systemd1.X: " prefix, on one line."""
+    """The error on one line, systemd's words first and the D-Bus error's short name after."""
     message = str(exc.message or exc)
-    if message.startswith("GDBus.Error:"):
-        name, _, rest = message.partition(" ")
-        message = f"{rest} ({name.rsplit('.', 1)[-1].rstrip(':')})"
+    remote = Gio.DBusError.get_remote_error(exc)
+    if remote:
+        message = message.removeprefix(f"GDBus.Error:{remote}:").strip()
+        message = f"{message} ({remote.rsplit('.', 1)[-1]})"
     return " ".join(message.split())

@@ -211,6 +211,37 @@ def test_unit_whose_process_exits_1_fails_and_unload_resets_it(backend: Backend)
     assert backend.manager.states([name]) == {name: NOT_FOUND}
 
 
+def test_stopping_a_failed_unit_leaves_it_failed(backend: Backend) -> None:
+    name = backend.unit_name("fails")
+    backend.manager.load(name, FAILING_UNIT)
+    backend.manager.reload()
+    backend.start(name)
+    backend.wait_state(name, lambda s: s.active == "failed")
+    backend.manager.stop(name)
+    assert backend.wait_inactive(name) == SystemdState("loaded", "failed", "failed")
+
+
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [
+        ("Type=oneshot\nExecStart=/bin/true\n", SystemdState("loaded", "inactive", "dead")),
+        (
+            "Type=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
+            SystemdState("loaded", "active", "exited"),
+        ),
+    ],
+    ids=["oneshot", "remain-after-exit"],
+)
+def test_unit_whose_process_succeeds(
+    backend: Backend, service: str, expected: SystemdState
+) -> None:
+    name = backend.unit_name("once")
+    backend.manager.load(name, f"[Service]\n{service}")
+    backend.manager.reload()
+    backend.start(name)
+    assert backend.wait_state(name, lambda s: s == expected) == expected
+
+
 def test_states_of_unknown_units_read_not_found(backend: Backend) -> None:
     names = [backend.unit_name("nope"), backend.unit_name("nope", "@1.service"), "x.socket"]
     assert backend.manager.states(names) == dict.fromkeys(names, NOT_FOUND)
@@ -247,6 +278,15 @@ def test_a_freshly_loaded_unit_starts_even_before_reload(backend: Backend) -> No
     # already holds need the reload.
     name = backend.unit_name()
     backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.start(name)
+    assert backend.wait_active(name).sub == "running"
+
+
+def test_asking_for_a_state_first_does_not_hide_a_later_load(backend: Backend) -> None:
+    name = backend.unit_name()
+    assert backend.manager.states([name]) == {name: NOT_FOUND}
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    assert backend.manager.states([name]) == {name: SystemdState("loaded", "inactive", "dead")}
     backend.start(name)
     assert backend.wait_active(name).sub == "running"
 
@@ -346,12 +386,15 @@ def test_manager_is_found_again_and_kill_takes_added_processes(tmp_path: Path) -
                 adapter.load("loop.service", looping_unit("v1", tmp_path / "loop.out"))
                 adapter.start("loop.service")
                 Backend("real", adapter, tmp_path).wait_active("loop.service")
+                handle.kill()
+                assert extra.wait(timeout=5) == -9
+                assert not handle.is_running()
+                assert handle.processes() == {}
+                # A dead manager is a SystemdError (temporary) with a one-line message.
+                with pytest.raises(SystemdError, match=r"^systemd could not list [^\n]*$"):
+                    adapter.states(["loop.service"])
             finally:
                 adapter.close()
-            handle.kill()
-            assert extra.wait(timeout=5) == -9
-            assert not handle.is_running()
-            assert handle.processes() == {}
         finally:
             if extra.poll() is None:
                 extra.kill()

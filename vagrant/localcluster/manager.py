@@ -43,11 +43,13 @@ _MAX_RUNTIME_DIR = 80
 
 _LAUNCH_SCRIPT = """
 set -e
+systemd_binary=$1
+shift
 for procs in "$@"; do echo $$ > "$procs"; done
 mkdir -p /run/systemd
 mount -t tmpfs -o mode=755 tmpfs /run/systemd
 mkdir -p /run/systemd/system
-exec "$SYSTEMD_BINARY" --user
+exec "$systemd_binary" --user
 """
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -316,7 +318,6 @@ def _manager_env(handle: ManagerHandle) -> dict[str, str]:
         "PATH": os.environ.get("PATH", _DEFAULT_PATH),
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
-        "SYSTEMD_BINARY": SYSTEMD,
         "XDG_CONFIG_HOME": str(handle.state_dir / "config"),
         "XDG_DATA_HOME": str(handle.state_dir / "data"),
         "XDG_STATE_HOME": str(handle.state_dir / "state"),
@@ -330,7 +331,7 @@ def _spawn(handle: ManagerHandle) -> int:
     log = handle.state_dir / LOG_FILE
     argv = [
         UNSHARE, "--mount", "--propagation", "private", "--",
-        "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch",
+        "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch", SYSTEMD,
         *(str(top / "cgroup.procs") for top in handle.cgroup_dirs()),
     ]  # fmt: skip
     # posix_spawn rather than Popen: the manager outlives this call and maybe this process, and

@@ -1,0 +1,778 @@
+"""`local-cluster`: a Vagrant-like front end that runs a whole fleet cluster on this host.
+
+It owns the cluster directory layout and the lifecycle of each simulated machine's `fleetd`:
+
+    <dir>/cluster.json         the machines (from the cluster file plus `add`) and settings
+    <dir>/etcd/                etcd data, logs and etcd.json (see localcluster.etcd)
+    <dir>/m/<name>/            one machine: machine-id, fleet.toml, fleetd.log, fleetd.json,
+                               units/, and the systemd user manager's state (localcluster.manager)
+
+Every verb finds running processes again through these files, so each invocation is short-lived
+and several clusters can live side by side in different directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
+from localcluster.manager import ManagerError, ManagerHandle, start_manager
+
+PROG = "local-cluster"
+VAGRANT_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = VAGRANT_DIR.parent
+DEFAULT_CONFIG = VAGRANT_DIR / "cluster.toml"
+KEY_PREFIX = "/fleet/"
+DEFAULT_AGENT_TTL = 30.0
+STATE_FILE = "cluster.json"
+MACHINES_DIR = "m"
+FIRST_HOST_OCTET = 10
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+META_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # what fleetd accepts as a metadata key
+
+# Variables a fleetd or `ssh` command must never inherit from the caller: they would point it at
+# some other systemd manager or etcd than its machine's.
+_FOREIGN_ENV = ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "FLEETCTL_ENDPOINT")
+
+
+class UserError(Exception):
+    """Something the user can fix; reported as one line, exit status 1."""
+
+
+# -- cluster state ------------------------------------------------------------------------------
+
+
+@dataclass
+class MachineSpec:
+    name: str
+    index: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterState:
+    dir: Path
+    agent_ttl: float
+    etcd_members: int
+    fast_elections: bool
+    machines: list[MachineSpec]
+
+    @classmethod
+    def load(cls, dir: Path) -> ClusterState | None:
+        try:
+            raw = json.loads((dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{dir / STATE_FILE} is unreadable ({exc}); run `destroy`") from exc
+        return cls(
+            dir=dir,
+            agent_ttl=float(raw["agent_ttl"]),
+            etcd_members=int(raw["etcd_members"]),
+            fast_elections=bool(raw["fast_elections"]),
+            machines=[
+                MachineSpec(m["name"], int(m["index"]), dict(m["metadata"]))
+                for m in raw["machines"]
+            ],
+        )
+
+    def save(self) -> None:
+        data = {
+            "agent_ttl": self.agent_ttl,
+            "etcd_members": self.etcd_members,
+            "fast_elections": self.fast_elections,
+            "machines": [
+                {"name": m.name, "index": m.index, "metadata": m.metadata} for m in self.machines
+            ],
+        }
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.dir / STATE_FILE)
+
+    def machine(self, name: str) -> MachineSpec:
+        for spec in self.machines:
+            if spec.name == name:
+                return spec
+        known = ", ".join(m.name for m in self.machines) or "none"
+        raise UserError(f"no machine named {name!r} in {self.dir} (machines: {known})")
+
+    def add(self, name: str, metadata: dict[str, str]) -> MachineSpec:
+        spec = MachineSpec(name, max((m.index for m in self.machines), default=-1) + 1, metadata)
+        if FIRST_HOST_OCTET + spec.index > 254:
+            raise UserError("no loopback address left for another machine")
+        self.machines.append(spec)
+        return spec
+
+
+def load_cluster_file(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The machines of a cluster file: `[[machine]]` tables with `name` and `metadata`."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"cluster file {path} not found; pass --config FILE") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"bad cluster file {path}: {exc}") from exc
+    tables = raw.get("machine")
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"bad cluster file {path}: it needs at least one [[machine]] table")
+    machines: list[tuple[str, dict[str, str]]] = []
+    for number, table in enumerate(tables, start=1):
+        name = table.get("name") if isinstance(table, dict) else None
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise UserError(
+                f'bad cluster file {path}: machine #{number} needs name = "..." '
+                "(letters, digits, '.', '_', '-')"
+            )
+        if any(existing == name for existing, _ in machines):
+            raise UserError(f"bad cluster file {path}: machine {name!r} appears twice")
+        metadata = table.get("metadata", {})
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) and META_RE.match(k) for k, v in metadata.items()
+        ):
+            raise UserError(
+                f"bad cluster file {path}: metadata of {name!r} must be a table of strings"
+            )
+        machines.append((name, dict(metadata)))
+    return machines
+
+
+def parse_metadata(text: str) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not META_RE.match(key.strip()) or not value.strip():
+            raise UserError(f"bad metadata {item!r}: use --metadata key=value,key2=value2")
+        metadata[key.strip()] = value.strip()
+    return metadata
+
+
+# -- one machine --------------------------------------------------------------------------------
+
+
+def _toml_string(value: str) -> str:
+    # JSON string escapes are a subset of TOML basic-string escapes.
+    return json.dumps(value)
+
+
+class Machine:
+    """One simulated host: its directory, its systemd user manager and its fleetd."""
+
+    def __init__(self, cluster: ClusterState, spec: MachineSpec) -> None:
+        self.cluster = cluster
+        self.spec = spec
+        self.dir = cluster.dir / MACHINES_DIR / spec.name
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ip(self) -> str:
+        return f"127.0.0.{FIRST_HOST_OCTET + self.spec.index}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "fleet.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "fleetd.log"
+
+    @property
+    def machine_id(self) -> str:
+        """Random once, then kept for the machine's life (across halt, kill and start)."""
+        path = self.dir / "machine-id"
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_text().strip()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        machine_id = secrets.token_hex(16)
+        path.write_text(machine_id + "\n")
+        return machine_id
+
+    # manager
+
+    def manager(self) -> ManagerHandle | None:
+        return ManagerHandle.load(self.dir)
+
+    def manager_running(self) -> bool:
+        handle = self.manager()
+        return handle is not None and handle.is_running()
+
+    def ensure_manager(self) -> ManagerHandle:
+        handle = self.manager()
+        if handle is not None and handle.is_running():
+            return handle
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return start_manager(self.name, self.dir)
+
+    # fleetd
+
+    def fleetd_pid(self) -> int:
+        try:
+            return int(json.loads((self.dir / "fleetd.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def fleetd_running(self) -> bool:
+        return pid_alive(self.fleetd_pid(), str(self.config_path))
+
+    def write_config(self, endpoints: Sequence[str]) -> None:
+        units = self.dir / "units"
+        units.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"etcd_servers = [{', '.join(_toml_string(e) for e in endpoints)}]",
+            f"etcd_key_prefix = {_toml_string(KEY_PREFIX)}",
+            f"machine_id = {_toml_string(self.machine_id)}",
+            f"public_ip = {_toml_string(self.ip)}",
+            f"agent_ttl = {self.cluster.agent_ttl:g}",
+            f"units_directory = {_toml_string(str(units))}",
+            "systemd_user = true",
+            "",
+            "[metadata]",
+            *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in self.spec.metadata.items()),
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start_fleetd(self, handle: ManagerHandle, endpoints: Sequence[str]) -> None:
+        self.write_config(endpoints)
+        # fleetd reads FLEET_* variables as configuration: only fleet.toml may configure it.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in _FOREIGN_ENV and not k.startswith("FLEET_")
+        }
+        env.update(handle.env())
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [find_fleetd(), "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=env,
+                cwd=self.dir,
+            )
+        (self.dir / "fleetd.json").write_text(json.dumps({"pid": proc.pid}) + "\n")
+        try:
+            handle.add_process(proc.pid)
+        except ManagerError:
+            # A fleetd outside the machine's cgroup would survive `kill`: do not leave it running.
+            proc.kill()
+            proc.wait()
+            raise
+
+    def stop_fleetd(self, timeout: float = 30) -> bool:
+        """SIGTERM fleetd and wait: it stops and releases its units itself. False if it had to
+        be killed."""
+        pid = self.fleetd_pid()
+        marker = str(self.config_path)
+        if not pid_alive(pid, marker):
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if wait_pid_gone(pid, timeout, marker):
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_pid_gone(pid, 5, marker)
+        return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "    (no fleetd.log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (empty)"
+
+
+def find_fleetd() -> str:
+    beside = Path(sys.executable).parent / "fleetd"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("fleetd")
+    if found is None:
+        raise UserError("fleetd is not beside this Python nor on PATH; run scripts/setup")
+    return found
+
+
+# -- etcd helpers -------------------------------------------------------------------------------
+
+
+def registered(endpoints: Sequence[str]) -> dict[str, int] | None:
+    """Machine ids present under the key prefix with their keys' mod revisions, or None if no
+    endpoint answered."""
+    import pyetcd
+
+    prefix = f"{KEY_PREFIX}machine/"
+    for endpoint in endpoints:
+        host, _, port = endpoint.removeprefix("http://").partition(":")
+        client = pyetcd.client(host=host, port=int(port), timeout=2)
+        try:
+            found = client.get_prefix(prefix, keys_only=True)
+            return {meta.key.decode()[len(prefix) :]: meta.mod_revision for _, meta in found}
+        except Exception:  # any failure of this member: ask the next one
+            continue
+        finally:
+            client.close()
+    return None
+
+
+def wait_registered(
+    machines: Sequence[Machine],
+    endpoints: Sequence[str],
+    timeout: float,
+    baseline: Mapping[str, int] | None = None,
+) -> None:
+    """Return when every machine's key is in etcd; fail early, with its log, if a fleetd dies.
+
+    A machine id in `baseline` must have been written after that mod revision: a killed machine's
+    key outlives it by up to one agent TTL, and must not pass for the new fleetd's announcement.
+    """
+    baseline = baseline or {}
+    deadline = time.monotonic() + timeout
+    pending = {m.machine_id: m for m in machines}
+    while pending:
+        present = registered(endpoints) or {}
+        for machine_id in list(pending):
+            if present.get(machine_id, 0) > baseline.get(machine_id, 0):
+                del pending[machine_id]
+        if not pending:
+            return
+        for machine in pending.values():
+            if not machine.fleetd_running():
+                raise UserError(
+                    f"fleetd of {machine.name} exited; tail of {machine.log_path}:\n"
+                    f"{machine.log_tail()}"
+                )
+        if time.monotonic() > deadline:
+            machine = next(iter(pending.values()))
+            raise UserError(
+                f"fleetd of {machine.name} did not register {KEY_PREFIX}machine/"
+                f"{machine.machine_id} within {timeout:.0f}s; tail of {machine.log_path}:\n"
+                f"{machine.log_tail()}"
+            )
+        time.sleep(0.05)
+
+
+# -- verbs --------------------------------------------------------------------------------------
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("FLEET_LOCAL_DIR") or REPO_DIR / ".local-cluster")
+
+
+@contextlib.contextmanager
+def locked(dir: Path) -> Iterator[None]:
+    """Serialise mutating verbs on one cluster dir."""
+    dir.mkdir(parents=True, exist_ok=True)
+    with (dir / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def require_cluster(dir: Path) -> ClusterState:
+    state = ClusterState.load(dir)
+    if state is None:
+        raise UserError(f"no cluster in {dir}; run `{PROG} up --dir {dir}` first")
+    return state
+
+
+def require_etcd(state: ClusterState) -> EtcdCluster:
+    etcd = EtcdCluster.load(state.dir / "etcd")
+    if etcd is None:
+        raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
+    if not etcd.is_running():
+        etcd.ensure_running()
+    return etcd
+
+
+def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> list[str]:
+    """Start what is not running of each machine, then wait for all to register."""
+    started: list[str] = []
+    to_start = [m for m in machines if not m.fleetd_running()]
+    before = (registered(etcd.endpoints) or {}) if to_start else {}
+    baseline = {m.machine_id: before[m.machine_id] for m in to_start if m.machine_id in before}
+    for machine in machines:
+        handle = machine.ensure_manager()
+        if machine in to_start:
+            machine.start_fleetd(handle, etcd.endpoints)
+            started.append(machine.name)
+    wait_registered(machines, etcd.endpoints, timeout, baseline)
+    return started
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    dir: Path = args.dir
+    with locked(dir):
+        state = ClusterState.load(dir)
+        if state is None:
+            config = Path(args.config) if args.config else DEFAULT_CONFIG
+            machines = load_cluster_file(config)
+            state = ClusterState(
+                dir=dir,
+                agent_ttl=args.agent_ttl if args.agent_ttl is not None else DEFAULT_AGENT_TTL,
+                etcd_members=args.etcd_members or 1,
+                fast_elections=args.fast_elections,
+                machines=[],
+            )
+            for name, metadata in machines:
+                state.add(name, metadata)
+        else:
+            if args.etcd_members and args.etcd_members != state.etcd_members:
+                raise UserError(
+                    f"cluster in {dir} has {state.etcd_members} etcd member(s); "
+                    "`destroy` it to change that"
+                )
+            if args.config:
+                for name, metadata in load_cluster_file(Path(args.config)):
+                    if name not in {m.name for m in state.machines}:
+                        state.add(name, metadata)
+            if args.agent_ttl is not None:
+                state.agent_ttl = args.agent_ttl
+        state.save()
+        t0 = time.monotonic()
+        etcd = EtcdCluster.start(
+            dir / "etcd", members=state.etcd_members, fast=state.fast_elections
+        )
+        machines_ = [Machine(state, spec) for spec in state.machines]
+        started = bring_up(machines_, etcd, args.timeout)
+        took = time.monotonic() - t0
+    print(
+        f"cluster up in {dir}: {len(machines_)} machine(s), "
+        f"{len(started)} fleetd started, {took:.1f}s"
+    )
+    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    state = require_cluster(args.dir)
+    etcd = EtcdCluster.load(state.dir / "etcd")
+    if etcd is None:
+        raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
+    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    return 0
+
+
+def _word(running: bool) -> str:
+    return "running" if running else "stopped"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = require_cluster(args.dir)
+    rows = []
+    for spec in state.machines:
+        machine = Machine(state, spec)
+        rows.append(
+            {
+                "name": machine.name,
+                "machine_id": machine.machine_id,
+                "ip": machine.ip,
+                "metadata": spec.metadata,
+                "fleetd": _word(machine.fleetd_running()),
+                "manager": _word(machine.manager_running()),
+            }
+        )
+    if args.json:
+        etcd = EtcdCluster.load(state.dir / "etcd")
+        status = {
+            "dir": str(state.dir),
+            "etcd": {
+                "endpoints": etcd.endpoints if etcd else [],
+                "running": [etcd.member_running(i) for i in range(len(etcd.members))]
+                if etcd
+                else [],
+            },
+            "machines": rows,
+        }
+        print(json.dumps(status, indent=2))
+        return 0
+    table = [
+        [
+            str(r["name"]),
+            str(r["machine_id"]),
+            str(r["ip"]),
+            _format_metadata(spec.metadata) or "-",
+            f"fleetd={r['fleetd']}",
+            f"manager={r['manager']}",
+        ]
+        for r, spec in zip(rows, state.machines, strict=True)
+    ]
+    if not args.no_legend:
+        table.insert(0, ["MACHINE", "ID", "IP", "METADATA", "FLEETD", "MANAGER"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _format_metadata(metadata: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in metadata.items())
+
+
+def cmd_halt(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        machine = Machine(state, state.machine(args.machine))
+        if not machine.fleetd_running():
+            print(f"{machine.name}: fleetd is not running")
+            return 0
+        clean = machine.stop_fleetd(timeout=args.timeout)
+    if not clean:
+        print(
+            f"{machine.name}: fleetd did not exit within {args.timeout:.0f}s of SIGTERM and was "
+            f"killed; see {machine.log_path}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{machine.name}: halted")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        machine = Machine(state, state.machine(args.machine))
+        etcd = require_etcd(state)
+        started = bring_up([machine], etcd, args.timeout)
+    print(f"{machine.name}: {'started' if started else 'already running'}")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        machine = Machine(state, state.machine(args.machine))
+        kill_machine(machine)
+    print(f"{machine.name}: killed")
+    return 0
+
+
+def kill_machine(machine: Machine) -> None:
+    """Power cut: everything in the machine's cgroup dies at once, fleetd included."""
+    handle = machine.manager()
+    if handle is not None:
+        handle.kill()
+        handle.cleanup()
+    # Normally fleetd died with the cgroup; this covers one that never made it in.
+    pid = machine.fleetd_pid()
+    if pid_alive(pid, str(machine.config_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_pid_gone(pid, 5, str(machine.config_path))
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    state = require_cluster(args.dir)
+    machine = Machine(state, state.machine(args.machine))
+    command = list(args.command)
+    if not command:
+        raise UserError(f"no command given: use `{PROG} ssh {machine.name} -- CMD ...`")
+    handle = machine.manager()
+    if handle is None or not handle.is_running():
+        raise UserError(f"{machine.name} is down; run `{PROG} start {machine.name}` first")
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env.update(handle.env())
+    etcd = EtcdCluster.load(state.dir / "etcd")
+    if etcd is not None:
+        env["FLEETCTL_ENDPOINT"] = ",".join(etcd.endpoints)
+    try:
+        return subprocess.run(command, env=env, cwd=machine.dir, check=False).returncode
+    except FileNotFoundError as exc:
+        raise UserError(f"{command[0]}: command not found") from exc
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    if not NAME_RE.match(args.name):
+        raise UserError(f"bad machine name {args.name!r}: use letters, digits, '.', '_', '-'")
+    metadata = parse_metadata(args.metadata or "")
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        if any(m.name == args.name for m in state.machines):
+            raise UserError(f"machine {args.name!r} already exists in {state.dir}")
+        etcd = require_etcd(state)
+        spec = state.add(args.name, metadata)
+        state.save()
+        machine = Machine(state, spec)
+        bring_up([machine], etcd, args.timeout)
+    print(f"{machine.name}: added as {machine.machine_id} at {machine.ip}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    dir: Path = args.dir
+    if not dir.is_dir():
+        raise UserError(f"no cluster in {dir}: nothing to destroy")
+    state = ClusterState.load(dir)
+    if state is None and EtcdCluster.load(dir / "etcd") is None:
+        raise UserError(f"{dir} holds no cluster: refusing to delete it")
+    with locked(dir):
+        problems = destroy(dir, state)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"destroyed {dir}")
+    return 1 if problems else 0
+
+
+def destroy(dir: Path, state: ClusterState | None) -> list[str]:
+    """Tear everything down, fleetd first while etcd is still there for them to release units."""
+    problems: list[str] = []
+    machine_dirs = sorted(p for p in (dir / MACHINES_DIR).glob("*") if p.is_dir())
+    machines = [
+        Machine(state, spec)
+        for spec in (state.machines if state else [])
+        if (dir / MACHINES_DIR / spec.name).is_dir()
+    ]
+    known = {m.dir for m in machines}
+    orphans = [p for p in machine_dirs if p not in known]
+    # SIGTERM every fleetd at once: they stop their units in parallel.
+    for machine in machines:
+        pid = machine.fleetd_pid()
+        if pid_alive(pid, str(machine.config_path)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    for machine in machines:
+        if not machine.stop_fleetd(timeout=30):
+            problems.append(f"{machine.name}: fleetd ignored SIGTERM and was killed")
+    for machine_dir in [m.dir for m in machines] + orphans:
+        try:
+            handle = ManagerHandle.load(machine_dir)
+            if handle is not None:
+                handle.stop()
+                handle.cleanup()
+        except ManagerError as exc:
+            problems.append(f"{machine_dir.name}: {exc}")
+    etcd = EtcdCluster.load(dir / "etcd")
+    if etcd is not None:
+        etcd.stop()
+    shutil.rmtree(dir, ignore_errors=True)
+    return problems
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    dir_opt = _Parser(add_help=False)
+    dir_opt.add_argument(
+        "--dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="cluster directory (default: $FLEET_LOCAL_DIR or <repo>/.local-cluster)",
+    )
+    wait_opt = _Parser(add_help=False)
+    wait_opt.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for machines to register in etcd (default 60)",
+    )
+    parser = _Parser(
+        prog=PROG,
+        description="Run a fleet cluster on this host: etcd, and per machine a systemd user "
+        "manager and a fleetd.",
+        parents=[dir_opt],
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    up = verbs.add_parser("up", parents=[dir_opt, wait_opt], help="start the cluster")
+    up.add_argument("--config", help=f"cluster file (default {DEFAULT_CONFIG})")
+    up.add_argument(
+        "--agent-ttl", type=float, help=f"fleetd agent TTL, seconds (default {DEFAULT_AGENT_TTL:g})"
+    )
+    up.add_argument("--etcd-members", type=int, choices=(1, 3), help="etcd members (default 1)")
+    up.add_argument(
+        "--fast-elections",
+        action="store_true",
+        help="etcd heartbeat 20 ms, election timeout 200 ms (quick failover)",
+    )
+    up.set_defaults(func=cmd_up)
+
+    verbs.add_parser("env", parents=[dir_opt], help="print FLEETCTL_ENDPOINT").set_defaults(
+        func=cmd_env
+    )
+
+    status = verbs.add_parser("status", parents=[dir_opt], help="one line per machine")
+    status.add_argument("--no-legend", action="store_true", help="omit the header line")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    halt = verbs.add_parser("halt", parents=[dir_opt], help="stop a machine's fleetd cleanly")
+    halt.add_argument("machine")
+    halt.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    halt.set_defaults(func=cmd_halt)
+
+    start = verbs.add_parser("start", parents=[dir_opt, wait_opt], help="bring a machine back")
+    start.add_argument("machine")
+    start.set_defaults(func=cmd_start)
+
+    kill = verbs.add_parser("kill", parents=[dir_opt], help="power-cut a machine")
+    kill.add_argument("machine")
+    kill.set_defaults(func=cmd_kill)
+
+    ssh = verbs.add_parser("ssh", parents=[dir_opt], help="run a command on a machine")
+    ssh.add_argument("machine")
+    ssh.add_argument("command", nargs="*", help="-- CMD [ARGS...]")
+    ssh.set_defaults(func=cmd_ssh)
+
+    add = verbs.add_parser("add", parents=[dir_opt, wait_opt], help="add a machine")
+    add.add_argument("name")
+    add.add_argument("--metadata", help="key=value,key2=value2")
+    add.set_defaults(func=cmd_add)
+
+    destroy_ = verbs.add_parser("destroy", parents=[dir_opt], help="remove everything")
+    destroy_.set_defaults(func=cmd_destroy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the command of `ssh`, so options may come before it in
+    # any order (`ssh core-01 --dir D -- systemctl --user ...`).
+    command: list[str] | None = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    args = build_parser().parse_args(argv)
+    if command is not None:
+        if args.verb != "ssh":
+            print(f"{PROG}: error: only ssh takes a command after -- (see --help)", file=sys.stderr)
+            return 1
+        args.command = list(args.command) + command
+    args.dir = Path(getattr(args, "dir", None) or default_dir()).absolute()
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except (EtcdError, ManagerError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

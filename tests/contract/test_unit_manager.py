@@ -370,6 +370,25 @@ def test_same_unit_name_on_two_managers_is_isolated(tmp_path: Path) -> None:
 
 
 @requires_real_manager
+def test_stop_terminates_added_processes_gracefully(tmp_path: Path) -> None:
+    import subprocess
+
+    with running_manager("m", tmp_path / "m") as handle:
+        extra = subprocess.Popen(["sleep", "300"])
+        try:
+            handle.add_process(extra.pid)
+            started = time.monotonic()
+            handle.stop(timeout=5)
+            assert extra.wait(timeout=5) == -15
+            assert time.monotonic() - started < 4
+            assert not handle.is_running()
+        finally:
+            if extra.poll() is None:
+                extra.kill()
+                extra.wait()
+
+
+@requires_real_manager
 def test_manager_is_found_again_and_kill_takes_added_processes(tmp_path: Path) -> None:
     """The local cluster's launcher: a later process finds the manager from its state dir, and a
     power cut kills the manager, its units and processes added to the machine."""

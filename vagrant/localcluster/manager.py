@@ -182,15 +182,28 @@ class ManagerHandle:
         return found
 
     def stop(self, timeout: float = 10) -> None:
-        """Shut the manager down as systemd would on logout (its units are stopped in order),
-        then kill whatever is still left in its cgroup after `timeout` seconds."""
-        if self.is_running():
+        """Shut the machine down cleanly: the manager stops its units in order as on logout and
+        added processes (fleetd) get SIGTERM; whatever is left after `timeout` seconds is
+        killed."""
+        added = self._added_processes()
+        targets = ([self.pid] if self.is_running() else []) + added
+        for pid in targets:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.is_running() and time.monotonic() < deadline:
-                time.sleep(0.02)
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        # Zombies leave cgroup.procs, so an added process that exited counts as gone even if
+        # whoever spawned it has not collected it yet.
+        while time.monotonic() < deadline and (self.is_running() or self._added_processes()):
+            time.sleep(0.02)
         self.kill()
+
+    def _added_processes(self) -> list[int]:
+        found = {
+            int(token)
+            for top in self.cgroup_dirs()
+            for token in _read_or_empty(top / EXTRA_CGROUP / "cgroup.procs").split()
+        }
+        return sorted(found)
 
     def kill(self) -> None:
         """Power cut: SIGKILL every process in the subtree (manager, units, added processes)

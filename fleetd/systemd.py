@@ -116,7 +116,8 @@ class DbusUnitManager:
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return {}
-        rows = self._call("(state query)", "list", "ListUnitsByNames", wanted)
+        label = wanted[0] if len(wanted) == 1 else f"{len(wanted)} units ({wanted[0]}, ...)"
+        rows = self._call(label, "read the state of", "ListUnitsByNames", wanted)
         found = {row[0]: SystemdState(load=row[2], active=row[3], sub=row[4]) for row in rows or []}
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 

@@ -129,6 +129,7 @@ def test_verbs_without_a_cluster_say_so(tmp_path: Path) -> None:
         assert "no cluster" in line
     line = one_line_error(run("ssh", "x", "--dir", tmp_path / "none", "--", "true", check=False))
     assert "no cluster" in line
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_cluster_files_are_named(tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_bad_cluster_files_are_named(tmp_path: Path) -> None:
         run("up", "--config", tmp_path / "missing.toml", "--dir", tmp_path / "c", check=False)
     )
     assert "not found" in line
-    assert not (tmp_path / "c" / "etcd").exists()
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_arguments_get_one_line(tmp_path: Path) -> None:

@@ -380,9 +380,12 @@ def default_dir() -> Path:
 
 
 @contextlib.contextmanager
-def locked(dir: Path) -> Iterator[None]:
-    """Serialise mutating verbs on one cluster dir."""
-    dir.mkdir(parents=True, exist_ok=True)
+def locked(dir: Path, create: bool = False) -> Iterator[None]:
+    """Serialise mutating verbs on one cluster dir; only `up` may create the dir."""
+    if create:
+        dir.mkdir(parents=True, exist_ok=True)
+    elif not dir.is_dir():
+        raise UserError(f"no cluster in {dir}; run `{PROG} up --dir {dir}` first")
     with (dir / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -426,7 +429,10 @@ def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> 
 
 def cmd_up(args: argparse.Namespace) -> int:
     dir: Path = args.dir
-    with locked(dir):
+    if ClusterState.load(dir) is None:
+        # Parse the cluster file before creating anything, so a typo leaves no directory behind.
+        load_cluster_file(Path(args.config) if args.config else DEFAULT_CONFIG)
+    with locked(dir, create=True):
         state = ClusterState.load(dir)
         if state is None:
             config = Path(args.config) if args.config else DEFAULT_CONFIG

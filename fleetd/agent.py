@@ -40,6 +40,8 @@ Clock = Callable[[], float]
 class Agent:
     """One machine. `run()` blocks until `stop()`."""
 
+    COALESCE = 0.02  # seconds to let a burst of watch events land before planning
+
     def __init__(
         self,
         config: Config,
@@ -213,7 +215,10 @@ class Agent:
             timeout = 1.0
             if self._next_wake is not None:
                 timeout = max(0.01, min(timeout, self._next_wake - self.clock()))
-            self._wake.wait(timeout)
+            if self._wake.wait(timeout):
+                # Events come in bursts (a batch of claims, a machine's units vanishing at
+                # once): let the burst land and plan once for all of it.
+                self._stopping.wait(self.COALESCE)
             self._wake.clear()
         self._shutdown()
 

@@ -83,6 +83,17 @@ class View:
         self.location: dict[str, str] = {}
         self.revision: dict[str, int] = {}
         self.on_machine: dict[str, set[str]] = {m: set() for m in self.machines}
+        # Placed units by zone and by region, so level rules cost the units of one zone, not of
+        # the whole cluster, per check.
+        self.in_zone: dict[str, set[str]] = {}
+        self.in_region: dict[str, set[str]] = {}
+        self.replacers = frozenset(n for n, r in self.requirements.items() if r.replaces)
+        self.zone_conflictors = frozenset(
+            n for n, r in self.requirements.items() if r.zone_conflicts
+        )
+        self.region_conflictors = frozenset(
+            n for n, r in self.requirements.items() if r.region_conflicts
+        )
         for name, owner in snapshot.owners.items():
             if owner.machine_id in self.machines and name in self.requirements:
                 self._put(name, owner.machine_id, owner.revision)
@@ -95,6 +106,11 @@ class View:
         self.location[unit] = machine_id
         self.revision[unit] = revision
         self.on_machine.setdefault(machine_id, set()).add(unit)
+        machine = self.machines.get(machine_id)
+        if machine is not None and machine.zone is not None:
+            self.in_zone.setdefault(machine.zone, set()).add(unit)
+        if machine is not None and machine.region is not None:
+            self.in_region.setdefault(machine.region, set()).add(unit)
 
     def place(self, unit: str, machine_id: str) -> None:
         """Overlay a decision of this pass."""
@@ -106,6 +122,11 @@ class View:
         self.revision.pop(unit, None)
         if machine_id is not None:
             self.on_machine.get(machine_id, set()).discard(unit)
+            machine = self.machines.get(machine_id)
+            if machine is not None and machine.zone is not None:
+                self.in_zone.get(machine.zone, set()).discard(unit)
+            if machine is not None and machine.region is not None:
+                self.in_region.get(machine.region, set()).discard(unit)
 
     # -- global units
 
@@ -151,15 +172,16 @@ class View:
             return sorted(u for u in owned if self.revision.get(u, PLANNED) < before)
         return sorted(owned) + list(self.globals_on.get(machine_id, ()))
 
-    def located_where(
-        self, predicate: Callable[[str], bool], before: int | None = None
-    ) -> Iterable[tuple[str, str]]:
-        """(unit, machine) of every placed non-global unit on a machine matching predicate."""
-        for unit, machine_id in sorted(self.location.items()):
-            if before is not None and self.revision.get(unit, PLANNED) >= before:
-                continue
-            if predicate(machine_id):
-                yield unit, machine_id
+    def placed_at(self, level: str, key: str | None, before: int | None = None) -> list[str]:
+        """Non-global units placed on one machine, zone or region (level "machine", "zone",
+        "region"); with `before`, only claims older than that revision."""
+        if key is None:
+            return []
+        index = {"machine": self.on_machine, "zone": self.in_zone, "region": self.in_region}
+        units = index[level].get(key, set())
+        if before is None:
+            return sorted(units)
+        return sorted(u for u in units if self.revision.get(u, PLANNED) < before)
 
     def label(self, machine_id: str) -> str:
         machine = self.machines.get(machine_id)
@@ -236,14 +258,23 @@ def check_replaced(
 ) -> Verdict:
     """A unit may not run where a unit that replaces it runs. Two units that replace each other
     never run at the same time anywhere: the one placed first keeps running."""
+    if not view.replacers:
+        return OK
     for other in view.present(machine.id):
-        if other == unit:
+        if other == unit or other not in view.replacers:
             continue
         pattern = _replaces(view, other, unit)
         if pattern and not _replaces(view, unit, other):
             return refuse(f"replaced by {other} (Replaces={pattern})")
-    for other, where in view.located_where(lambda _m: True, before):
-        if other != unit and _replaces(view, other, unit) and _replaces(view, unit, other):
+    if unit not in view.replacers:
+        return OK
+    for other in sorted(view.replacers):
+        where = view.location.get(other)
+        if where is None or other == unit:
+            continue
+        if before is not None and view.revision.get(other, PLANNED) >= before:
+            continue
+        if _replaces(view, other, unit) and _replaces(view, unit, other):
             return refuse(f"{other} runs on {view.label(where)} and the two replace each other")
     return OK
 
@@ -308,6 +339,12 @@ def check_conflicts(
     return OK
 
 
+def _level_patterns(req: Requirements | None, level: str) -> tuple[str, ...]:
+    if req is None:
+        return ()
+    return req.zone_conflicts if level == "zone" else req.region_conflicts
+
+
 def _level_conflicts(
     unit: str,
     machine: Machine,
@@ -315,25 +352,21 @@ def _level_conflicts(
     before: int | None,
     level: str,
 ) -> Verdict:
-    key_of = view.zone_of_machine if level == "zone" else view.region_of_machine
     option = "ZoneConflicts" if level == "zone" else "RegionConflicts"
-    mine = key_of(machine.id)
+    mine = machine.zone if level == "zone" else machine.region
     if mine is None:
         return OK
-    own = view.requirements.get(unit)
-    for other, _where in view.located_where(lambda m: key_of(m) == mine, before):
+    own = _level_patterns(view.requirements.get(unit), level)
+    declaring = view.zone_conflictors if level == "zone" else view.region_conflictors
+    if not own and not declaring:
+        return OK
+    for other in view.placed_at(level, mine, before):
         if other == unit:
             continue
-        theirs = view.requirements.get(other)
-        pattern = None
-        if own is not None:
-            pattern = any_glob_match(
-                own.zone_conflicts if level == "zone" else own.region_conflicts, other
-            )
-        if pattern is None and theirs is not None:
-            pattern = any_glob_match(
-                theirs.zone_conflicts if level == "zone" else theirs.region_conflicts, unit
-            )
+        # Only units that declare level conflicts can match; skip the rest cheaply.
+        pattern = any_glob_match(own, other) if own else None
+        if pattern is None and other in declaring:
+            pattern = any_glob_match(_level_patterns(view.requirements.get(other), level), unit)
         if pattern:
             return refuse(f"{level} {mine} already runs {other} ({option}={pattern})")
     return OK
@@ -359,30 +392,20 @@ def check_limits(
     if group is None:
         return OK
     limits = (
-        ("MaxPerMachine", req.max_per_machine, lambda m: m == machine.id, None),
-        (
-            "MaxPerZone",
-            req.max_per_zone,
-            lambda m: view.zone_of_machine(m) == machine.zone,
-            machine.zone,
-        ),
-        (
-            "MaxPerRegion",
-            req.max_per_region,
-            lambda m: view.region_of_machine(m) == machine.region,
-            machine.region,
-        ),
+        ("MaxPerMachine", req.max_per_machine, "machine", machine.id),
+        ("MaxPerZone", req.max_per_zone, "zone", machine.zone),
+        ("MaxPerRegion", req.max_per_region, "region", machine.region),
     )
-    for option, limit, same, place in limits:
+    for option, limit, level, key in limits:
         if limit is None:
             continue
         count = sum(
             1
-            for other, _ in view.located_where(same, before)
+            for other in view.placed_at(level, key, before)
             if other != unit and template_group(other) == group
         )
         if count >= limit:
-            where = f"in {place}" if place else f"on {machine.label}"
+            where = f"on {machine.label}" if level == "machine" else f"in {key}"
             return refuse(f"{option}={limit} reached {where}")
     return OK
 
@@ -434,23 +457,21 @@ def score_spread(unit: str, req: Requirements, machine: Machine, view: View) -> 
     if group is None or req.spread is Spread.NONE:
         return (len(view.present(machine.id)),)
 
-    def count(same: Callable[[str], bool]) -> int:
+    def count(level: str, key: str | None) -> int:
         return sum(
             1
-            for other, _ in view.located_where(same)
+            for other in view.placed_at(level, key)
             if other != unit and template_group(other) == group
         )
 
-    on_machine = count(lambda m: m == machine.id)
+    on_machine = count("machine", machine.id)
     load = len(view.present(machine.id))
     if req.spread is Spread.MACHINE:
         return (on_machine, load)
-    zone, region = machine.zone, machine.region
-    in_zone = count(lambda m: view.zone_of_machine(m) == zone) if zone is not None else 0
+    in_zone = count("zone", machine.zone)
     if req.spread is Spread.ZONE:
         return (in_zone, on_machine, load)
-    in_region = count(lambda m: view.region_of_machine(m) == region) if region is not None else 0
-    return (in_region, in_zone, on_machine, load)
+    return (count("region", machine.region), in_zone, on_machine, load)
 
 
 def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -> Score:

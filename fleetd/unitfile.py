@@ -123,6 +123,7 @@ def parse_unit_name(name: str) -> UnitName:
     return UnitName(name, prefix, instance, suffix)
 
 
+@functools.lru_cache(maxsize=65536)
 def template_group(name: str) -> str | None:
     """The template an instance belongs to, used to group instances for limits and spread."""
     try:

@@ -36,7 +36,7 @@ class Node:
 class Harness:
     endpoints: list[str]
     prefix: str
-    ttl: float = 3.0
+    ttl: float = 10.0
     stagger: float = 0.2
     nodes: dict[str, Node] = field(default_factory=dict)
 

@@ -72,6 +72,7 @@ class Agent:
         self._published: dict[str, PublishedState] = {}
         self._since: dict[str, tuple[str, float]] = {}
         self._heartbeat: threading.Thread | None = None
+        self._leave = True
 
     # ------------------------------------------------------------------------------ identity
 
@@ -351,16 +352,23 @@ class Agent:
 
     # --------------------------------------------------------------------------- shutdown
 
-    def stop(self) -> None:
+    def stop(self, leave: bool = True) -> None:
+        """End the loops. With leave=False the agent just vanishes, as in a power cut: nothing is
+        stopped or released and the lease runs out by itself (used by failure tests)."""
+        self._leave = leave
         self._stopping.set()
         self._wake.set()
 
     def _shutdown(self) -> None:
         """Stop and unload our units, then revoke the lease: ownership, published states and
         presence vanish in one step and the other machines race for the units at once."""
-        log.info("shutting down: stopping units and leaving the cluster")
         if self._cancel_watch is not None:
             self._cancel_watch()
+        if not self._leave:
+            log.info("vanishing without leaving the cluster")
+            self.registry.close()
+            return
+        log.info("shutting down: stopping units and leaving the cluster")
         try:
             loaded = self.manager.loaded_units()
             states = self.manager.states(loaded) if loaded else {}

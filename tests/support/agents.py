@@ -64,7 +64,9 @@ class Harness:
     def client(self) -> EtcdRegistry:
         return EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
 
-    def submit(self, units: Mapping[str, str], desired: DesiredState = DesiredState.LAUNCHED) -> None:
+    def submit(
+        self, units: Mapping[str, str], desired: DesiredState = DesiredState.LAUNCHED
+    ) -> None:
         client = self.client()
         try:
             for _ in range(10):
@@ -101,9 +103,7 @@ class Harness:
     def kill(self, name: str) -> None:
         """A power cut: the loops stop without releasing anything; the lease runs out."""
         node = self.nodes.pop(name)
-        node.agent._lease = None  # noqa: SLF001 - the harness plays the crash, not a shutdown
-        node.agent._stopping.set()  # noqa: SLF001
-        node.agent._wake.set()  # noqa: SLF001
+        node.agent.stop(leave=False)
         node.thread.join(30)
 
     def stop_all(self) -> None:

@@ -1,0 +1,82 @@
+"""How fleetctl reaches the registry: the global connection options and the one factory that turns
+them into a registry client.
+
+Commands ask `registry(ctx)` for the client; it is built on first use (so `fleetctl version` and
+`--help` never touch etcd) and closed when the command ends. Tests replace `factory` to hand the
+commands a registry of their choosing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import typer
+
+from fleetd.keys import DEFAULT_PREFIX
+from fleetd.model import DesiredState
+from fleetd.snapshot import Snapshot, UnitRecord
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+DEFAULT_TIMEOUT = 3.0
+
+
+class Registry(Protocol):
+    """The part of `fleetd.registry.EtcdRegistry` fleetctl uses."""
+
+    def snapshot(self) -> Snapshot: ...
+
+    def write_units(
+        self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot
+    ) -> bool: ...
+
+    def destroy(self, names: Iterable[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class GlobalOptions:
+    endpoint: str = DEFAULT_ENDPOINT
+    etcd_key_prefix: str = DEFAULT_PREFIX
+    request_timeout: float = DEFAULT_TIMEOUT
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    debug: bool = False
+    # The client of this invocation, once built.
+    connection: Registry | None = field(default=None, repr=False)
+
+
+def build_registry(options: GlobalOptions) -> Registry:
+    # Imported here: the etcd and gRPC libraries take a while to load, and most errors a user
+    # makes (a bad name, a missing file) are found before they are needed.
+    from fleetd.registry import EtcdRegistry
+
+    return EtcdRegistry(
+        options.endpoint,
+        options.etcd_key_prefix,
+        timeout=options.request_timeout,
+        ca_file=options.ca_file,
+        cert_file=options.cert_file,
+        key_file=options.key_file,
+    )
+
+
+factory: Callable[[GlobalOptions], Registry] = build_registry
+
+
+def options_of(ctx: typer.Context) -> GlobalOptions:
+    obj = ctx.find_object(GlobalOptions)
+    return obj if obj is not None else GlobalOptions()
+
+
+def registry(ctx: typer.Context) -> Registry:
+    """The registry client of this invocation, built by `factory` on first use."""
+    options = options_of(ctx)
+    if options.connection is None:
+        connection = factory(options)
+        options.connection = connection
+        ctx.call_on_close(connection.close)
+    return options.connection

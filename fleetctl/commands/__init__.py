@@ -1,0 +1,1 @@
+"""fleetctl's commands, one module per group; `fleetctl.main` registers them on the root app."""

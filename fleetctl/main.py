@@ -1,0 +1,150 @@
+"""The `fleetctl` command: the root app, its global options, and the one table that turns errors
+into a message and an exit code.
+
+Commands raise typed errors and never print them. The root group catches the types listed in
+`ERRORS`, once, around every command: the user sees one line `fleetctl: <message>` on stderr and
+the table's exit code; `--debug` lets the exception through with its traceback instead.
+"""
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from fleetctl import output
+from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
+from fleetctl.commands import inspect, lifecycle, listing, version
+from fleetd.errors import ConfigError, FleetError, RegistryUnavailable
+from fleetd.keys import DEFAULT_PREFIX
+
+
+def _os_message(exc: BaseException) -> str:
+    assert isinstance(exc, OSError)
+    if exc.filename:
+        return f"cannot read {exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+# Most specific first: the first entry whose type matches decides.
+ERRORS: tuple[tuple[type[BaseException], int, Callable[[BaseException], str]], ...] = (
+    (RegistryUnavailable, 1, str),
+    (ConfigError, 1, str),
+    (FleetError, 1, str),
+    (OSError, 1, _os_message),
+    (KeyboardInterrupt, 130, lambda _exc: "interrupted"),
+)
+HANDLED = tuple(entry[0] for entry in ERRORS)
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for a handled error."""
+    for kind, code, message in ERRORS:
+        if isinstance(exc, kind):
+            text = message(exc).strip().splitlines()
+            return (text[0] if text else type(exc).__name__), code
+    raise TypeError(f"{type(exc).__name__} is not in the error table")
+
+
+class FleetctlGroup(TyperGroup):
+    """The root command group: applies the error table around whichever command runs."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HANDLED as exc:
+            options = ctx.find_object(GlobalOptions)
+            if options is not None and options.debug:
+                raise
+            message, code = describe(exc)
+            output.error(message)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(
+    cls=FleetctlGroup,
+    name="fleetctl",
+    help="fleetctl: manage the units of a fleet cluster.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        output.echo(version.version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    endpoint: Annotated[
+        str,
+        typer.Option(envvar="FLEETCTL_ENDPOINT", help="etcd endpoint(s), comma-separated."),
+    ] = DEFAULT_ENDPOINT,
+    etcd_key_prefix: Annotated[
+        str, typer.Option(envvar="FLEETCTL_ETCD_KEY_PREFIX", help="Registry key prefix in etcd.")
+    ] = DEFAULT_PREFIX,
+    request_timeout: Annotated[
+        float,
+        typer.Option(envvar="FLEETCTL_REQUEST_TIMEOUT", help="Seconds to wait for etcd."),
+    ] = DEFAULT_TIMEOUT,
+    ca_file: Annotated[
+        str | None, typer.Option(envvar="FLEETCTL_CA_FILE", help="CA certificate for https.")
+    ] = None,
+    cert_file: Annotated[
+        str | None,
+        typer.Option(envvar="FLEETCTL_CERT_FILE", help="Client certificate for https."),
+    ] = None,
+    key_file: Annotated[
+        str | None,
+        typer.Option(envvar="FLEETCTL_KEY_FILE", help="Client certificate key for https."),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="FLEETCTL_DEBUG", help="Debug logging and tracebacks.")
+    ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            expose_value=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    ctx.obj = GlobalOptions(
+        endpoint=endpoint,
+        etcd_key_prefix=etcd_key_prefix,
+        request_timeout=request_timeout,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        debug=debug,
+    )
+    if debug:
+        logging.basicConfig(
+            level=logging.DEBUG,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    if request_timeout <= 0:
+        raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
+
+
+for group in (lifecycle, listing, inspect, version):
+    group.register(app)
+
+
+def main() -> None:
+    app(prog_name="fleetctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Option types shared by several commands, so each flag is spelled and documented once."""
+
+from typing import Annotated
+
+import typer
+
+from fleetctl import output
+
+UnitArgs = Annotated[
+    list[str],
+    typer.Argument(help="Unit files (paths) or unit names.", show_default=False),
+]
+UnitNames = Annotated[
+    list[str],
+    typer.Argument(help="Unit names (a path's basename is used).", show_default=False),
+]
+UnitName = Annotated[str, typer.Argument(help="A unit name.", show_default=False)]
+
+NoLegend = Annotated[
+    bool, typer.Option("--no-legend", help="Do not print a legend (column headers).")
+]
+Full = Annotated[bool, typer.Option("--full", "-l", help="Do not shorten ids and hashes.")]
+
+NoBlock = Annotated[
+    bool, typer.Option("--no-block", help="Do not wait until the units reach the state.")
+]
+BlockAttempts = Annotated[
+    int,
+    typer.Option(
+        "--block-attempts",
+        min=0,
+        help="Poll the registry at most N times (about 0.5 s apart) while waiting; 0: no limit.",
+    ),
+]
+Replace = Annotated[
+    bool,
+    typer.Option(
+        "--replace", help="Replace units in the registry whose content differs from the file."
+    ),
+]
+
+
+def _fields_help(valid: tuple[str, ...]) -> str:
+    return f"Columns to print, comma-separated. Valid fields: {','.join(valid)}."
+
+
+MachineFields = Annotated[str, typer.Option("--fields", help=_fields_help(output.MACHINE_FIELDS))]
+UnitFields = Annotated[str, typer.Option("--fields", help=_fields_help(output.UNIT_FIELDS))]
+UnitFileFields = Annotated[
+    str, typer.Option("--fields", help=_fields_help(output.UNIT_FILE_FIELDS))
+]

@@ -11,6 +11,8 @@ Everything lives under a configurable prefix (default ``/fleet/``)::
     <prefix>state/<name>/<id>  JSON {"load", "active", "sub", "hash", "since"}
                                                                    published by machine <id>;
                                                                    bound to its lease
+    <prefix>move/<name>        machine id                          a rebalance asks the owner to
+                                                                   hand the unit to that machine
 
 A machine's presence, the owner keys it holds and the states it published all share its lease, so
 a dead machine's keys vanish together and nothing else has to clean up. The owner key's create
@@ -34,6 +36,7 @@ class Kind(enum.Enum):
     OWNER = "owner"
     MACHINE = "machine"
     STATE = "state"
+    MOVE = "move"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class KeyLayout:
 
     def state(self, name: str, machine_id: str) -> str:
         return f"{self.prefix}state/{name}/{machine_id}"
+
+    def move(self, name: str) -> str:
+        return f"{self.prefix}move/{name}"
 
     def kind_prefix(self, kind: Kind) -> str:
         return f"{self.prefix}{kind.value}/"

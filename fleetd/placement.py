@@ -112,10 +112,10 @@ class View:
         if machine is not None and machine.region is not None:
             self.in_region.setdefault(machine.region, set()).add(unit)
 
-    def place(self, unit: str, machine_id: str) -> None:
-        """Overlay a decision of this pass."""
+    def place(self, unit: str, machine_id: str, revision: int = PLANNED) -> None:
+        """Overlay a decision of this pass (or put a unit back where it was, with its revision)."""
         self.remove(unit)
-        self._put(unit, machine_id, PLANNED)
+        self._put(unit, machine_id, revision)
 
     def remove(self, unit: str) -> None:
         machine_id = self.location.pop(unit, None)
@@ -442,6 +442,11 @@ Score = tuple[int, ...]
 Scorer = Callable[[str, Requirements, Machine, View], Score]
 
 
+def score_move(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
+    """The machine a rebalance chose for the unit comes first (if it can run the unit at all)."""
+    return (0 if view.snapshot.moves.get(unit) == machine.id else 1,)
+
+
 def score_replaces(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
     """A replacing unit goes where the unit it replaces runs."""
     for other in view.present(machine.id):
@@ -481,7 +486,7 @@ def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -
     return (int.from_bytes(digest, "big"),)
 
 
-SCORERS: tuple[Scorer, ...] = (score_replaces, score_spread, score_tiebreak)
+SCORERS: tuple[Scorer, ...] = (score_move, score_replaces, score_spread, score_tiebreak)
 
 
 def rank(unit: str, req: Requirements, machines: Iterable[Machine], view: View) -> list[str]:

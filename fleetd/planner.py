@@ -107,7 +107,7 @@ def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
         state = snapshot.desired_state(name)
         if record is None or state is DesiredState.INACTIVE:
             continue
-        if not recheck(snapshot, name, me, view).ok:
+        if moving_away(snapshot, name, me) or not recheck(snapshot, name, me, view).ok:
             continue
         wanted[name] = Wanted(record, state, f"owned here, desired {state.value}")
     for name in view.globals_on.get(me, ()):
@@ -115,6 +115,17 @@ def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
         state = snapshot.desired_state(name)
         wanted[name] = Wanted(record, state, f"global unit, desired {state.value}")
     return wanted
+
+
+def moving_away(snapshot: Snapshot, name: str, me: str) -> bool:
+    """A rebalance asked for the unit elsewhere, on a live machine, and the unit is not pinned
+    (Pin=true units only move when their machine dies)."""
+    target = snapshot.moves.get(name)
+    if target is None or target == me or target not in snapshot.machines:
+        return False
+    record = snapshot.units.get(name)
+    req = record.requirements if record else None
+    return req is not None and not req.pin
 
 
 def release_reasons(snapshot: Snapshot, me: str, view: View) -> dict[str, str]:
@@ -127,6 +138,9 @@ def release_reasons(snapshot: Snapshot, me: str, view: View) -> dict[str, str]:
             out[name] = "unit was destroyed"
         elif snapshot.desired_state(name) is DesiredState.INACTIVE:
             out[name] = "desired state is inactive"
+        elif moving_away(snapshot, name, me):
+            target = snapshot.machines[snapshot.moves[name]]
+            out[name] = f"rebalance moves it to {target.label}"
         else:
             verdict = recheck(snapshot, name, me, view)
             if not verdict.ok:

@@ -275,8 +275,18 @@ class EtcdRegistry:
         for name in names:
             ops.append(tx.delete(self.layout.unit(name)))
             ops.append(tx.delete(self.layout.desired(name)))
+            ops.append(tx.delete(self.layout.move(name)))
         for i in range(0, len(ops), MAX_TXN_OPS):
             self._txn([], ops[i : i + MAX_TXN_OPS])
+
+    def request_move(self, unit: str, machine_id: str) -> None:
+        """Ask the owner of `unit` to hand it to `machine_id` (a rebalance step)."""
+        with self._calling():
+            self._client.put(self.layout.move(unit), machine_id)
+
+    def clear_move(self, unit: str) -> None:
+        with self._calling():
+            self._client.delete(self.layout.move(unit))
 
     # --------------------------------------------------------------------------- agent writes
 

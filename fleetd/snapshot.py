@@ -111,6 +111,7 @@ class Snapshot:
     owners: dict[str, Owner] = field(default_factory=dict)
     machines: dict[str, Machine] = field(default_factory=dict)
     states: dict[str, dict[str, PublishedState]] = field(default_factory=dict)
+    moves: dict[str, str] = field(default_factory=dict)  # unit -> machine a rebalance wants
 
     def copy(self) -> Snapshot:
         """A picture that later events do not change (values are immutable; maps are copied)."""
@@ -121,6 +122,7 @@ class Snapshot:
             owners=dict(self.owners),
             machines=dict(self.machines),
             states={name: dict(per) for name, per in self.states.items()},
+            moves=dict(self.moves),
         )
 
     def desired_state(self, name: str) -> DesiredState:
@@ -191,6 +193,12 @@ class Snapshot:
                         str(data.get("version", "")),
                         str(data.get("name", "")),
                     )
+            elif parsed.kind is Kind.MOVE:
+                if deleted:
+                    self.moves.pop(name, None)
+                else:
+                    assert value is not None
+                    self.moves[name] = value.decode()
             elif parsed.kind is Kind.STATE:
                 per = self.states.setdefault(name, {})
                 if deleted:

@@ -647,11 +647,15 @@ def destroy(dir: Path, state: ClusterState | None) -> list[str]:
     """Tear everything down, fleetd first while etcd is still there for them to release units."""
     problems: list[str] = []
     machine_dirs = sorted(p for p in (dir / MACHINES_DIR).glob("*") if p.is_dir())
-    machines = [
-        Machine(state, spec)
-        for spec in (state.machines if state else [])
-        if (dir / MACHINES_DIR / spec.name).is_dir()
-    ]
+    machines = (
+        []
+        if state is None
+        else [
+            Machine(state, spec)
+            for spec in state.machines
+            if (dir / MACHINES_DIR / spec.name).is_dir()
+        ]
+    )
     known = {m.dir for m in machines}
     orphans = [p for p in machine_dirs if p not in known]
     # SIGTERM every fleetd at once: they stop their units in parallel.

@@ -18,7 +18,7 @@ from fleetd.model import DesiredState, Machine
 from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import content_hash
-from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
+from tests.support.etcd_fixtures import EtcdCluster, etcd, etcd_prefix  # noqa: F401
 
 pytestmark = pytest.mark.component
 
@@ -64,7 +64,11 @@ class Fleetctl:
 
 
 @pytest.fixture
-def fleetctl(etcd, etcd_prefix, tmp_path: Path) -> Iterator[Fleetctl]:  # noqa: F811
+def fleetctl(
+    etcd: EtcdCluster,  # noqa: F811
+    etcd_prefix: str,  # noqa: F811
+    tmp_path: Path,
+) -> Iterator[Fleetctl]:
     ctl = Fleetctl(list(etcd.endpoints), etcd_prefix, tmp_path)
     yield ctl
     ctl.registry.close()

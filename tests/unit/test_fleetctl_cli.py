@@ -1,0 +1,168 @@
+"""The command line itself, with the registry replaced through `fleetctl.client.factory`: global
+options, the error table, --debug and the version."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from fleetctl import __version__, client, main
+from fleetctl.client import GlobalOptions
+from fleetd.errors import (
+    ConfigError,
+    InvalidUnitName,
+    RegistryUnavailable,
+    UnitNotFound,
+)
+from fleetd.model import DesiredState, Machine
+from fleetd.snapshot import Desired, Snapshot, UnitRecord
+
+
+class FakeRegistry:
+    def __init__(self, snapshot: Snapshot | None = None, fail: Exception | None = None) -> None:
+        self.snap = snapshot or Snapshot()
+        self.fail = fail
+        self.writes: list[tuple[list[UnitRecord], DesiredState | None]] = []
+        self.closed = False
+        self.options: list[GlobalOptions] = []
+
+    def snapshot(self) -> Snapshot:
+        if self.fail is not None:
+            raise self.fail
+        return self.snap
+
+    def write_units(
+        self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot
+    ) -> bool:
+        records = list(records)
+        self.writes.append((records, desired))
+        for record in records:
+            self.snap.units[record.name] = record
+            if desired is not None:
+                self.snap.desired[record.name] = Desired(desired)
+        return True
+
+    def destroy(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.snap.units.pop(name, None)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRegistry:
+    registry = FakeRegistry()
+
+    def factory(options: GlobalOptions) -> FakeRegistry:
+        registry.options.append(options)
+        return registry
+
+    monkeypatch.setattr(client, "factory", factory)
+    return registry
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main.app, list(args), env=env)
+
+
+def test_version() -> None:
+    assert run("version").stdout == f"fleetctl version {__version__}\n"
+    assert run("--version").stdout == f"fleetctl version {__version__}\n"
+
+
+def test_global_options_and_their_environment_variables(fake: FakeRegistry) -> None:
+    env = {"FLEETCTL_ETCD_KEY_PREFIX": "/other/", "FLEETCTL_REQUEST_TIMEOUT": "7.5"}
+    result = run("--endpoint", "http://10.0.0.1:2379", "list-machines", env=env)
+    assert result.exit_code == 0, result.stderr
+    (options,) = fake.options
+    assert options.endpoint == "http://10.0.0.1:2379"
+    assert options.etcd_key_prefix == "/other/"
+    assert options.request_timeout == 7.5
+    assert fake.closed
+
+
+def test_defaults(fake: FakeRegistry) -> None:
+    run("list-units")
+    (options,) = fake.options
+    assert options.endpoint == "http://127.0.0.1:2379"
+    assert options.etcd_key_prefix == "/fleet/"
+    assert options.request_timeout == 3.0
+
+
+def test_list_machines_through_the_factory(fake: FakeRegistry) -> None:
+    fake.snap.machines = {"f" * 32: Machine("f" * 32, "10.0.0.3", {"b": "2", "a": "1"})}
+    result = run("list-machines", "--no-legend")
+    assert result.stdout == "ffffffff...\t10.0.0.3\ta=1,b=2\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            RegistryUnavailable("cannot reach etcd at http://x:1: timed out"),
+            "fleetctl: cannot reach etcd at http://x:1: timed out",
+        ),
+        (ConfigError("bad endpoint\nsecond line"), "fleetctl: bad endpoint"),
+        (
+            PermissionError(13, "Permission denied", "/etc/x"),
+            "fleetctl: cannot read /etc/x: Permission denied",
+        ),
+    ],
+)
+def test_errors_are_one_line_and_exit_1(error: Exception, line: str) -> None:
+    def factory(options: GlobalOptions) -> FakeRegistry:
+        return FakeRegistry(fail=error)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client, "factory", factory)
+        result = run("list-unit-files")
+    assert result.exit_code == 1
+    assert result.stderr == line + "\n"
+    assert result.stdout == ""
+
+
+def test_debug_lets_the_traceback_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = RegistryUnavailable("cannot reach etcd at http://x:1: refused")
+    monkeypatch.setattr(client, "factory", lambda options: FakeRegistry(fail=error))
+    result = run("--debug", "list-units")
+    assert result.exception is error
+
+
+def test_error_table_covers_every_fleet_error() -> None:
+    assert main.describe(UnitNotFound("unit x not found")) == ("unit x not found", 1)
+    assert main.describe(InvalidUnitName("bad")) == ("bad", 1)
+    assert main.describe(KeyboardInterrupt()) == ("interrupted", 130)
+    with pytest.raises(TypeError):
+        main.describe(ValueError("not ours"))
+
+
+def test_bad_request_timeout_is_refused(fake: FakeRegistry) -> None:
+    result = run("--request-timeout", "0", "list-units")
+    assert result.exit_code == 1
+    assert result.stderr == "fleetctl: --request-timeout=0.0 must be more than 0 seconds\n"
+
+
+def test_start_writes_every_unit_in_one_call(fake: FakeRegistry, tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.service").write_text("[Service]\nExecStart=/bin/true\n")
+    args = [str(tmp_path / f"{n}.service") for n in ("a", "b", "c")]
+    result = run("start", "--no-block", *args)
+    assert result.exit_code == 0, result.stderr
+    assert len(fake.writes) == 1
+    records, desired = fake.writes[0]
+    assert [r.name for r in records] == ["a.service", "b.service", "c.service"]
+    assert desired is DesiredState.LAUNCHED
+
+
+def test_bad_name_fails_before_the_registry_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    def factory(options: GlobalOptions) -> FakeRegistry:
+        raise AssertionError("the registry must not be contacted")
+
+    monkeypatch.setattr(client, "factory", factory)
+    result = run("start", "ok.service", "bad$name.service")
+    assert result.exit_code == 1
+    assert "bad$name.service" in result.stderr

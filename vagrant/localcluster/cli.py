@@ -40,7 +40,7 @@ VAGRANT_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = VAGRANT_DIR.parent
 DEFAULT_CONFIG = VAGRANT_DIR / "cluster.toml"
 KEY_PREFIX = "/fleet/"
-DEFAULT_AGENT_TTL = 30.0
+DEFAULT_AGENT_TTL = 10.0  # fleetd's own default
 STATE_FILE = "cluster.json"
 MACHINES_DIR = "m"
 FIRST_HOST_OCTET = 10
@@ -241,6 +241,7 @@ class Machine:
             f"etcd_key_prefix = {_toml_string(KEY_PREFIX)}",
             f"machine_id = {_toml_string(self.machine_id)}",
             f"public_ip = {_toml_string(self.ip)}",
+            f"hostname = {_toml_string(self.spec.name)}",
             f"agent_ttl = {self.cluster.agent_ttl:g}",
             f"units_directory = {_toml_string(str(units))}",
             "systemd_user = true",

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from fleetctl import output
 from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
-from fleetctl.commands import inspect, lifecycle, listing, version
+from fleetctl.commands import inspect, lifecycle, listing, rebalance, version
 from fleetd.errors import ConfigError, FleetError, RegistryUnavailable
 from fleetd.keys import DEFAULT_PREFIX
 
@@ -138,7 +138,7 @@ def root(
         raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
 
 
-for group in (lifecycle, listing, inspect, version):
+for group in (lifecycle, listing, inspect, rebalance, version):
     group.register(app)
 
 

@@ -122,15 +122,6 @@ def unit_names(args: Iterable[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------------- plans
 
-# Which desired states --replace may change the content in, per command (as fleet): a submit
-# must not restart a running unit behind the operator's back, a load must not start it.
-REPLACEABLE = {
-    "submit": frozenset({DesiredState.INACTIVE}),
-    "load": frozenset({DesiredState.INACTIVE, DesiredState.LOADED}),
-    "start": frozenset(DesiredState),
-}
-
-
 @dataclass
 class Plan:
     """What one command writes: every unit it names, with the content it should have."""
@@ -193,15 +184,10 @@ def plan_units(units: Sequence[LocalUnit], snapshot: Snapshot, replace: bool, co
         elif not replace:
             plan.notices.append(_differs(name, local_path, template=local_path != unit.path))
             plan.records.append(existing)
-        elif snapshot.desired_state(name) in REPLACEABLE.get(command, frozenset()):
-            plan.records.append(UnitRecord(name, local_text, content_hash(local_text)))
         else:
-            state = snapshot.desired_state(name).value
-            plan.notices.append(
-                f"cannot replace unit {name} in state {state} with {command}: "
-                f"use the command for that state (start --replace)"
-            )
-            plan.records.append(existing)
+            # The new content keeps the unit's desired state: the owner of a running unit
+            # stops it, loads the new file and starts it again.
+            plan.records.append(UnitRecord(name, local_text, content_hash(local_text)))
     return plan
 
 

@@ -1,0 +1,305 @@
+"""Shared machinery of the fleet scenario tests: one real local cluster per module (real etcd, one
+`systemd --user` manager and one fleetd per machine, built by `vagrant/local-cluster`), fleetctl
+run as a user would run it, and a registry emptied between tests.
+
+A module picks its machines with a `CLUSTER_CONFIG` attribute (default `vagrant/cluster.toml`).
+Tests take the function-scoped `fleet` fixture: it hands over the module's cluster with no unit
+in the registry, nothing running and every machine of the cluster file up, and restores that
+state afterwards (machines a test halted or killed come back, machines it added are halted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from fleetd.registry import EtcdRegistry
+from fleetd.snapshot import Snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "vagrant" / "local-cluster"
+VENV_BIN = REPO / ".venv" / "bin"
+DEFAULT_CONFIG = REPO / "vagrant" / "cluster.toml"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+UNITS = REPO / "units"
+
+# The agents' lease TTL in these tests: a killed machine is forgotten after this long.
+AGENT_TTL = 3.0
+# Generous bound for anything the agents do on their own (claim, start, stop, move).
+SETTLE = 20.0
+
+T = TypeVar("T")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def needs_local_cluster() -> list[pytest.MarkDecorator]:
+    """The marks every module of real-cluster scenarios carries."""
+    return [
+        pytest.mark.functional,
+        pytest.mark.skipif(os.geteuid() != 0, reason="systemd managers in own cgroups need root"),
+        pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed"),
+    ]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = SETTLE, what: str = "") -> T:
+    """Poll `predicate` until it returns something truthy and return that; fail after
+    `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what or predicate}")
+        time.sleep(0.2)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a command that failed as a user error should (exit 1)."""
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def registry_picture(snapshot: Snapshot) -> tuple[object, ...]:
+    """What a command may write: unit texts, desired states and owners (no revisions)."""
+    return (
+        {n: (r.text, r.hash) for n, r in snapshot.units.items()},
+        {n: d.state for n, d in snapshot.desired.items()},
+        {n: o.machine_id for n, o in snapshot.owners.items()},
+    )
+
+
+@dataclass
+class Cluster:
+    """One local cluster and the ways a test drives and reads it."""
+
+    dir: Path
+    config: Path
+    endpoint: str = ""
+    ids: dict[str, str] = field(default_factory=dict)  # machine name -> machine id
+    baseline: list[str] = field(default_factory=list)  # the machines of the cluster file
+    env: dict[str, str] = field(default_factory=_env)
+    _registry: EtcdRegistry | None = None
+
+    # -- the local-cluster tool
+
+    def lc(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, str(TOOL), "--dir", str(self.dir), *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"local-cluster {' '.join(map(str, args))} exited {proc.returncode}\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def up(self) -> None:
+        out = self.lc("up", "--config", self.config, "--agent-ttl", str(int(AGENT_TTL))).stdout
+        self.endpoint = out.strip().splitlines()[-1].split("=", 1)[1]
+        self.env["FLEETCTL_ENDPOINT"] = self.endpoint
+        self.refresh()
+        self.baseline = list(self.ids)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        data = json.loads(self.lc("status", "--json").stdout)
+        return {str(m["name"]): m for m in data["machines"]}
+
+    def refresh(self) -> None:
+        self.ids = {name: str(m["machine_id"]) for name, m in self.status().items()}
+
+    def name_of(self, machine_id: str) -> str:
+        for name, mid in self.ids.items():
+            if mid == machine_id:
+                return name
+        self.refresh()
+        return next(name for name, mid in self.ids.items() if mid == machine_id)
+
+    def halt(self, machine: str) -> None:
+        self.lc("halt", machine)
+
+    def kill(self, machine: str) -> None:
+        self.lc("kill", machine)
+
+    def start(self, machine: str) -> None:
+        self.lc("start", machine)
+
+    def add(self, machine: str, metadata: str) -> None:
+        self.lc("add", machine, "--metadata", metadata)
+        self.refresh()
+
+    def ssh(self, machine: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return self.lc("ssh", machine, "--", *command, check=False)
+
+    def is_active_on(self, machine: str, unit: str) -> str:
+        """What the machine's own systemd manager says of the unit (`is-active`)."""
+        return self.ssh(machine, "systemctl", "--user", "is-active", unit).stdout.strip()
+
+    # -- fleetctl
+
+    def fleetctl(
+        self, *args: str | Path, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["fleetctl", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"fleetctl {' '.join(map(str, args))} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def rows(self, command: str, fields: str) -> list[list[str]]:
+        """A listing's rows (no legend, full ids), split into cells."""
+        out = self.fleetctl(command, "--no-legend", "--full", "--fields", fields).stdout
+        return [line.split() for line in out.splitlines() if line.strip()]
+
+    # -- the registry, read directly
+
+    @property
+    def registry(self) -> EtcdRegistry:
+        if self._registry is None:
+            self._registry = EtcdRegistry(self.endpoint, "/fleet/")
+        return self._registry
+
+    def snapshot(self) -> Snapshot:
+        return self.registry.snapshot()
+
+    def running(self, snapshot: Snapshot | None = None) -> dict[str, list[str]]:
+        """Every unit some machine reports active with the registry's content: unit -> sorted
+        machine names."""
+        snapshot = snapshot or self.snapshot()
+        out: dict[str, list[str]] = {}
+        for unit, per in snapshot.states.items():
+            record = snapshot.units.get(unit)
+            for machine_id, state in per.items():
+                if state.active == "active" and record is not None and state.hash == record.hash:
+                    out.setdefault(unit, []).append(self.name_of(machine_id))
+        return {unit: sorted(machines) for unit, machines in sorted(out.items())}
+
+    def where(self) -> dict[str, str]:
+        """Non-global running units -> the one machine each runs on."""
+        placed = {}
+        for unit, machines in self.running().items():
+            assert len(machines) == 1, f"{unit} runs on {machines}"
+            placed[unit] = machines[0]
+        return placed
+
+    def wait_running(self, units: list[str], timeout: float = SETTLE) -> dict[str, list[str]]:
+        """Wait until every unit runs somewhere; return the whole running map then."""
+
+        def check() -> dict[str, list[str]] | None:
+            running = self.running()
+            return running if all(u in running for u in units) else None
+
+        return wait_until(check, timeout, f"{units} running")
+
+    def machines_up(self) -> set[str]:
+        return {self.name_of(m) for m in self.snapshot().machines}
+
+    # -- between tests
+
+    def reset(self) -> None:
+        """Every baseline machine up, added machines halted, no unit anywhere."""
+        status = self.status()
+        for name, machine in status.items():
+            running = machine["fleetd"] == "running" and machine["manager"] == "running"
+            if name in self.baseline and not running:
+                self.start(name)
+            elif name not in self.baseline and machine["fleetd"] == "running":
+                self.halt(name)
+        wanted = {self.ids[n] for n in self.baseline}
+        wait_until(
+            lambda: set(self.snapshot().machines) == wanted,
+            AGENT_TTL + SETTLE,
+            f"exactly {self.baseline} registered",
+        )
+        names = sorted(self.snapshot().units)
+        if names:
+            self.fleetctl("destroy", *names)
+
+        def empty() -> bool:
+            snap = self.snapshot()
+            return not (snap.units or snap.owners or snap.states or snap.desired)
+
+        wait_until(empty, SETTLE, "registry empty and nothing running")
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The module's cluster, built from its CLUSTER_CONFIG and destroyed even on failure."""
+    config = Path(getattr(request.module, "CLUSTER_CONFIG", DEFAULT_CONFIG))
+    base = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
+    handle = Cluster(base / "c", config)
+    try:
+        handle.up()
+        yield handle
+    finally:
+        handle.close()
+        if handle.dir.exists():
+            handle.lc("destroy", check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def fleet(cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster, empty and whole before and after the test."""
+    cluster.reset()
+    yield cluster
+    cluster.reset()
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """A directory for the unit files a test writes (fleetctl names units by file name)."""
+    path = tmp_path / "units"
+    path.mkdir()
+    return path
+
+
+def write_unit(folder: Path, name: str, xfleet: str = "", body: str = "") -> Path:
+    """A long-running service unit `name` in `folder`, with an optional [X-Fleet] section."""
+    text = (
+        f"[Unit]\nDescription=test unit {name}\n\n"
+        f"[Service]\nExecStart=/bin/sh -c 'while true; do sleep 1; done'\n{body}"
+    )
+    if xfleet:
+        text += f"\n[X-Fleet]\n{xfleet.strip()}\n"
+    path = folder / name
+    path.write_text(text)
+    return path

@@ -197,12 +197,6 @@ def test_destroy_stops_unloads_and_clears_the_registry(harness: Harness) -> None
     assert all(n.manager.running_text("x.service") is None for n in harness.nodes.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed unit stopped (desired loaded) and started again is never restarted: the "
-    "agent forgets (unit, hash) in _started only on STOP/UNLOAD tasks, and plan_local emits no "
-    "STOP for a unit that is not active",
-)
 def test_failed_unit_is_started_again_after_stop_and_start(harness: Harness) -> None:
     node = harness.add("m0")
     harness.wait(lambda s: len(s.machines) == 1)

@@ -40,7 +40,7 @@ Clock = Callable[[], float]
 class Agent:
     """One machine. `run()` blocks until `stop()`."""
 
-    COALESCE = 0.02  # seconds to let a burst of watch events land before planning
+    COALESCE = 0.05  # seconds to let a burst of watch events land before planning
 
     def __init__(
         self,
@@ -243,7 +243,7 @@ class Agent:
         if self._fenced:
             return
         now = self.clock()
-        placements = plan_placements(snap)
+        placements = plan_placements(snap, limit=self.plan_window(snap))
         claim_plan = plan_claims(
             placements, self.me, self._first_seen, now, self.config.claim_stagger
         )
@@ -273,6 +273,12 @@ class Agent:
             # Act on our own claims as soon as the watch shows them.
             self._wake.set()
         self._act(snap)
+
+    @staticmethod
+    def plan_window(snap: Snapshot) -> int:
+        """How many placeable units one pass plans: enough for every machine to claim a couple
+        at once, few enough that a pass stays cheap with thousands of waiting units."""
+        return max(32, 2 * len(snap.machines))
 
     def _require_lease(self) -> int:
         if self._lease is None:

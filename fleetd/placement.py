@@ -571,14 +571,26 @@ def pending_units(snapshot: Snapshot, view: View) -> list[str]:
     return ordered
 
 
-def plan_placements(snapshot: Snapshot, view: View | None = None) -> dict[str, Placement]:
-    """The ranked plan for every unowned unit, each decision overlaid before the next."""
+def plan_placements(
+    snapshot: Snapshot, view: View | None = None, limit: int | None = None
+) -> dict[str, Placement]:
+    """The ranked plan for unowned units, each decision overlaid before the next.
+
+    With `limit`, planning stops after that many placeable units: a pass then costs
+    O(limit x machines) however many units wait, and since every agent cuts the same prefix of
+    the same order, agents still agree on who bids first. The rest follow in later passes, as
+    the claims of this one land.
+    """
     view = view or View(snapshot)
     plan: dict[str, Placement] = {}
+    placeable = 0
     for unit in pending_units(snapshot, view):
+        if limit is not None and placeable >= limit:
+            break
         placement = _evaluate(unit, view)
         if placement.ranked:
             view.place(unit, placement.ranked[0])
+            placeable += 1
         plan[unit] = placement
     return plan
 

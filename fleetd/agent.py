@@ -73,6 +73,7 @@ class Agent:
         self._since: dict[str, tuple[str, float]] = {}
         self._heartbeat: threading.Thread | None = None
         self._leave = True
+        self._systemd = threading.RLock()
 
     # ------------------------------------------------------------------------------ identity
 
@@ -154,12 +155,28 @@ class Agent:
 
     # ----------------------------------------------------------------------- the heartbeat
 
-    def _heartbeat_loop(self) -> None:
+    def fence_after(self) -> float:
+        """Seconds without a successful keep-alive after which the agent stops its units: early
+        enough that they are down before the lease can expire and another machine claims them
+        (etcd counts the TTL from a refresh that happened before we saw its answer)."""
         ttl = self.config.agent_ttl
-        interval = max(0.2, ttl / 4)
-        # Stop units this long after the last successful keep-alive: before the lease can
-        # expire and another machine can claim them.
-        fence_after = ttl - min(2.0, ttl / 4)
+        return ttl - min(2.0, ttl / 4)
+
+    def _watchdog_loop(self) -> None:
+        """Fence on time alone. It must not wait for a keep-alive call to fail: a call into a
+        partition can hang for the whole request timeout, longer than the margin we have."""
+        while not self._stopping.wait(0.05):
+            if self._fenced or not self._registered:
+                continue
+            silent = self.clock() - self._last_keepalive
+            if silent >= self.fence_after():
+                log.error("no lease keep-alive for %.1fs: stopping every unit here", silent)
+                self._fenced = True
+                self._stop_everything("fenced: etcd unreachable, the lease may expire")
+                self._wake.set()
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.2, self.config.agent_ttl / 4)
         while not self._stopping.wait(interval):
             lease = self._lease
             if lease is None:
@@ -169,10 +186,6 @@ class Agent:
             except RegistryUnavailable as exc:
                 silent = self.clock() - self._last_keepalive
                 log.warning("lease keep-alive failed for %.1fs: %s", silent, exc)
-                if silent >= fence_after and not self._fenced:
-                    log.error("etcd unreachable for %.1fs: stopping every unit here", silent)
-                    self._fenced = True
-                    self._wake.set()
                 continue
             if remaining <= 0:
                 log.error("lease expired: every unit here lost its owner; joining again")
@@ -193,6 +206,9 @@ class Agent:
             target=self._guarded(self._heartbeat_loop), name="heartbeat", daemon=True
         )
         self._heartbeat.start()
+        threading.Thread(
+            target=self._guarded(self._watchdog_loop), name="watchdog", daemon=True
+        ).start()
         backoff = 0.5
         while not self._stopping.is_set():
             try:
@@ -298,6 +314,9 @@ class Agent:
         states = self.manager.states(loaded)
         tasks = plan_local(snap, self.me, View(snap), loaded, states, frozenset(self._started))
         for task in tasks:
+            if self._fenced:
+                # The watchdog fenced us mid-round: the plan is void, start nothing.
+                return
             log.info("%s", task)
             try:
                 self._execute(task)
@@ -308,6 +327,14 @@ class Agent:
         self._publish(snap)
 
     def _execute(self, task: Task) -> None:
+        # The watchdog thread may fence (and stop everything) at any moment: each systemd call
+        # and the fenced check before it are one step under this lock.
+        with self._systemd:
+            if self._fenced and task.kind in (TaskKind.LOAD, TaskKind.START):
+                return
+            self._execute_locked(task)
+
+    def _execute_locked(self, task: Task) -> None:
         if task.kind is TaskKind.STOP:
             self.manager.stop(task.unit)
             self._started = {s for s in self._started if s[0] != task.unit}
@@ -350,6 +377,10 @@ class Agent:
             self._since.pop(name, None)
 
     def _stop_everything(self, reason: str) -> None:
+        with self._systemd:
+            self._stop_everything_locked(reason)
+
+    def _stop_everything_locked(self, reason: str) -> None:
         loaded = self.manager.loaded_units()
         if not loaded:
             return

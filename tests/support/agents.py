@@ -41,9 +41,9 @@ class Harness:
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def add(self, name: str, metadata: Mapping[str, str] | None = None,
-            machine_id: str | None = None) -> Node:
+            machine_id: str | None = None, endpoints: list[str] | None = None) -> Node:
         config = Config(
-            etcd_servers=tuple(self.endpoints),
+            etcd_servers=tuple(endpoints or self.endpoints),
             etcd_key_prefix=self.prefix,
             machine_id=machine_id or uuid.uuid4().hex,
             public_ip="127.0.0.1",

@@ -1,0 +1,115 @@
+"""No unit runs twice when a machine is cut off from etcd, and agents ride out an etcd leader
+failover.
+
+A partition is played by a loopback proxy between one agent and etcd (tests/support/proxy.py).
+The cut-off agent cannot renew its lease; it must stop its units before the lease can expire and
+another machine can claim them. A sampler records, every few milliseconds, which machines run the
+unit: at no sample may two run it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from fleetd.model import DesiredState
+from tests.support.agents import Harness, unit_text
+from tests.support.etcd_fixtures import etcd, etcd3, etcd_prefix  # noqa: F401
+from tests.support.proxy import Proxy
+
+pytestmark = pytest.mark.component
+
+
+def _active(harness: Harness, machine: str, unit: str) -> bool:
+    node = harness.nodes[machine]
+    return node.manager.states([unit])[unit].active == "active"
+
+
+class Sampler:
+    """Records which machines run `unit`, until stopped."""
+
+    def __init__(self, harness: Harness, machines: list[str], unit: str) -> None:
+        self.samples: list[tuple[float, frozenset[str]]] = []
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                running = frozenset(m for m in machines if _active(harness, m, unit))
+                self.samples.append((time.monotonic(), running))
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def overlaps(self) -> list[float]:
+        return [t for t, running in self.samples if len(running) > 1]
+
+
+def test_cut_off_machine_stops_its_unit_before_another_starts_it(etcd, etcd_prefix) -> None:  # noqa: F811
+    endpoint = urlsplit(etcd.endpoints[0])
+    proxy = Proxy(endpoint.hostname or "127.0.0.1", endpoint.port or 2379)
+    harness = Harness(list(etcd.endpoints), etcd_prefix, ttl=3.0, stagger=0.2)
+    try:
+        harness.add("island", endpoints=[proxy.url])
+        harness.wait(lambda s: len(s.machines) == 1)
+        harness.submit({"solo.service": unit_text()}, DesiredState.LAUNCHED)
+        harness.wait(lambda s: "solo.service" in s.states)
+        harness.add("mainland")
+        harness.wait(lambda s: len(s.machines) == 2)
+        assert _active(harness, "island", "solo.service")
+        sampler = Sampler(harness, ["island", "mainland"], "solo.service")
+        cut_at = time.monotonic()
+        proxy.cut()
+        harness.wait(
+            lambda s: s.owner_of("solo.service") == harness.nodes["mainland"].agent.me
+            and "mainland" in (sampler.samples[-1][1] if sampler.samples else ()),
+            timeout=20,
+        )
+        sampler.stop()
+        assert sampler.overlaps() == []
+        stopped = next(t for t, running in sampler.samples if "island" not in running)
+        started = next(t for t, running in sampler.samples if "mainland" in running)
+        # The island stopped before its 3 s lease could expire; the mainland started after.
+        assert stopped - cut_at < 3.0
+        assert started > stopped
+        # Healed, the island rejoins with a new lease and does not take the unit back.
+        proxy.heal()
+        island = harness.nodes["island"].agent.me
+        harness.wait(lambda s: island in s.machines, timeout=20)
+        time.sleep(1.0)
+        assert not _active(harness, "island", "solo.service")
+        assert _active(harness, "mainland", "solo.service")
+    finally:
+        harness.stop_all()
+        proxy.close()
+
+
+def test_agents_ride_out_an_etcd_leader_failover(etcd3) -> None:  # noqa: F811
+    harness = Harness(list(etcd3.endpoints), "/failover/", ttl=5.0, stagger=0.2)
+    try:
+        for name in ("a", "b", "c"):
+            harness.add(name)
+        harness.wait(lambda s: len(s.machines) == 3)
+        harness.submit({f"web@{i}.service": unit_text() for i in range(6)})
+        before = harness.wait(lambda s: len(s.states) == 6)
+        owners = {u: o.machine_id for u, o in before.owners.items()}
+        leader = etcd3.leader_index()
+        assert leader is not None
+        etcd3.kill_member(leader)
+        # The cluster keeps working: a new unit is placed through the surviving members, and no
+        # machine lost its lease or its units on the way.
+        harness.submit({"after-failover.service": unit_text()})
+        after = harness.wait(lambda s: len(s.states) == 7, timeout=30)
+        assert {u: after.owners[u].machine_id for u in owners} == owners
+        assert len(after.machines) == 3
+        running = harness.running()
+        assert sum(len(units) for units in running.values()) == 7
+    finally:
+        harness.stop_all()

@@ -48,15 +48,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def needs_local_cluster() -> list[pytest.MarkDecorator]:
-    """The marks every module of real-cluster scenarios carries."""
-    return [
-        pytest.mark.functional,
-        pytest.mark.skipif(os.geteuid() != 0, reason="systemd managers in own cgroups need root"),
-        pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed"),
-    ]
-
-
 def wait_until(predicate: Callable[[], T], timeout: float = SETTLE, what: str = "") -> T:
     """Poll `predicate` until it returns something truthy and return that; fail after
     `timeout` seconds naming `what`."""
@@ -263,6 +254,10 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The module's cluster, built from its CLUSTER_CONFIG and destroyed even on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("systemd managers in own cgroups need root")
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd-server is not installed")
     config = Path(getattr(request.module, "CLUSTER_CONFIG", DEFAULT_CONFIG))
     base = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
     handle = Cluster(base / "c", config)

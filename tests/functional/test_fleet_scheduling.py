@@ -29,11 +29,13 @@ def status(fleet: Cluster, unit: str) -> str:
 
 def stays_waiting(fleet: Cluster, unit: str, fragment: str) -> str:
     """Wait until `status` gives the reason `unit` runs nowhere; return that status."""
-    return wait_until(
-        lambda: (text := status(fleet, unit)) and "Not scheduled" in text and fragment in text
-        and unit not in fleet.running() and text,
-        what=f"{unit} waiting because of {fragment!r}",
-    )  # fmt: skip
+
+    def check() -> str | None:
+        text = status(fleet, unit)
+        ok = "Not scheduled" in text and fragment in text and unit not in fleet.running()
+        return text if ok else None
+
+    return wait_until(check, what=f"{unit} waiting because of {fragment!r}")
 
 
 # -- Conflicts ----------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def test_cut_off_machine_stops_its_unit_before_another_starts_it(etcd, etcd_pref
 
 
 def test_agents_ride_out_an_etcd_leader_failover(etcd3) -> None:  # noqa: F811
-    harness = Harness(list(etcd3.endpoints), "/failover/", ttl=5.0, stagger=0.2)
+    # fleetd's default TTL: an election must not look like a partition.
+    harness = Harness(list(etcd3.endpoints), "/failover/", ttl=10.0, stagger=0.2)
     try:
         for name in ("a", "b", "c"):
             harness.add(name)

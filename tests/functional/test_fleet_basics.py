@@ -240,6 +240,15 @@ def test_submit_and_start_replace(fleet: Cluster, unit_dir: Path) -> None:
     (machine,) = fleet.running()["versioned.service"]
     assert fleet.ssh(machine, *read).stdout.strip() == "v3"
 
+    # submit --replace of a running unit: the owner restarts it with the new content.
+    path = marker_unit(unit_dir, "v4")
+    fleet.fleetctl("submit", "--replace", path)
+    assert fleet.fleetctl("cat", "versioned.service").stdout == path.read_text()
+    new_hash = content_hash(path.read_text())
+    wait_until(restarted, SETTLE, "the unit running the content submitted with --replace")
+    (machine,) = fleet.running()["versioned.service"]
+    assert fleet.ssh(machine, *read).stdout.strip() == "v4"
+
 
 # -- bad input ----------------------------------------------------------------------------------
 

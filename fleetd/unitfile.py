@@ -280,13 +280,13 @@ class Requirements:
         return bool(self.region_of or self.region_conflicts or self.max_per_region is not None)
 
 
-_DEPRECATED = {
+DEPRECATED_OPTIONS = {
     "X-ConditionMachineID": "MachineID",
     "X-ConditionMachineOf": "MachineOf",
     "X-ConditionMachineMetadata": "MachineMetadata",
     "X-Conflicts": "Conflicts",
 }
-_KNOWN = frozenset(
+KNOWN_OPTIONS = frozenset(
     {
         "MachineID",
         "MachineOf",
@@ -383,10 +383,10 @@ def parse_requirements(unit: UnitFile, name: str) -> Requirements:
         if option.section != XFLEET:
             continue
         key = option.key
-        if key in _DEPRECATED:
-            warnings.append(f"{name}: [X-Fleet] {key} is deprecated: use {_DEPRECATED[key]}")
-            key = _DEPRECATED[key]
-        elif key not in _KNOWN:
+        if key in DEPRECATED_OPTIONS:
+            warnings.append(f"{name}: [X-Fleet] {key} is deprecated: use {DEPRECATED_OPTIONS[key]}")
+            key = DEPRECATED_OPTIONS[key]
+        elif key not in KNOWN_OPTIONS:
             warnings.append(f"{name}: unknown [X-Fleet] option {key} is ignored")
             continue
         collected.setdefault(key, []).append(expand_specifiers(option.value, unit_name))

@@ -298,3 +298,17 @@ def write_unit(folder: Path, name: str, xfleet: str = "", body: str = "") -> Pat
     path = folder / name
     path.write_text(text)
     return path
+
+
+def assert_refused(fleet: Cluster, unit_dir: Path, cases: dict[str, tuple[str, str]]) -> None:
+    """Each invalid [X-Fleet] body (with {id} for a machine id) is refused by submit and start
+    with one line naming the fragment, and the registry does not change."""
+    fleet.fleetctl("start", UNITS / "hello.service")
+    before = registry_picture(fleet.snapshot())
+    for case, (xfleet, fragment) in cases.items():
+        path = write_unit(unit_dir, "bad.service", xfleet.format(id=fleet.ids["core-01"]))
+        for command in ("submit", "start"):
+            line = one_line_error(fleet.fleetctl(command, path, check=False))
+            assert line.startswith("fleetctl: bad.service: [X-Fleet]"), (case, line)
+            assert fragment in line, (case, line)
+            assert registry_picture(fleet.snapshot()) == before, case

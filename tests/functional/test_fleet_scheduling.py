@@ -10,8 +10,8 @@ import pytest
 from conftest import (
     UNITS,
     Cluster,
+    assert_refused,
     one_line_error,
-    registry_picture,
     wait_until,
     write_unit,
 )
@@ -272,12 +272,4 @@ INVALID = {
 
 
 def test_invalid_x_fleet_is_refused(fleet: Cluster, unit_dir: Path) -> None:
-    fleet.fleetctl("start", UNITS / "hello.service")
-    before = registry_picture(fleet.snapshot())
-    for case, (xfleet, fragment) in INVALID.items():
-        path = write_unit(unit_dir, "bad.service", xfleet.format(id=fleet.ids["core-01"]))
-        for command in ("submit", "start"):
-            line = one_line_error(fleet.fleetctl(command, path, check=False))
-            assert line.startswith("fleetctl: bad.service: [X-Fleet]"), (case, line)
-            assert fragment in line, (case, line)
-            assert registry_picture(fleet.snapshot()) == before, case
+    assert_refused(fleet, unit_dir, INVALID)

@@ -16,7 +16,7 @@ from conftest import (
     REPO,
     UNITS,
     Cluster,
-    one_line_error,
+    assert_refused,
     registry_picture,
     wait_until,
     write_unit,
@@ -145,15 +145,7 @@ INVALID = {
 
 
 def test_invalid_topology_options_are_refused(fleet: Cluster, unit_dir: Path) -> None:
-    fleet.fleetctl("start", UNITS / "hello.service")
-    before = registry_picture(fleet.snapshot())
-    for case, (xfleet, fragment) in INVALID.items():
-        path = write_unit(unit_dir, "bad.service", xfleet.format(id=fleet.ids["core-01"]))
-        for command in ("submit", "start"):
-            line = one_line_error(fleet.fleetctl(command, path, check=False))
-            assert line.startswith("fleetctl: bad.service: [X-Fleet]"), (case, line)
-            assert fragment in line, (case, line)
-            assert registry_picture(fleet.snapshot()) == before, case
+    assert_refused(fleet, unit_dir, INVALID)
 
 
 # -- rebalance, on a cluster of its own ---------------------------------------------------------

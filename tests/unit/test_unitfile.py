@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
 from fleetd.unitfile import (
+    DEPRECATED_OPTIONS,
+    KNOWN_OPTIONS,
     MAX_NAME_LENGTH,
     MetadataRule,
     Requirements,
@@ -494,26 +496,7 @@ def test_requirements_need_a_valid_unit_name() -> None:
 # ----------------------------------------------------------------------------- properties
 
 _xfleet_keys = st.sampled_from(
-    [
-        "MachineID",
-        "MachineOf",
-        "MachineMetadata",
-        "Conflicts",
-        "Global",
-        "Replaces",
-        "ZoneOf",
-        "RegionOf",
-        "ZoneConflicts",
-        "RegionConflicts",
-        "MaxPerMachine",
-        "MaxPerZone",
-        "MaxPerRegion",
-        "Spread",
-        "Pin",
-        "X-Conflicts",
-        "X-ConditionMachineOf",
-        "Unknown",
-    ]
+    [*sorted(KNOWN_OPTIONS), *sorted(DEPRECATED_OPTIONS), "Unknown"]
 )
 _values = st.text(alphabet=st.sampled_from(list("ab.*@%nNpi=!\"' \\-01zone.service")), max_size=30)
 

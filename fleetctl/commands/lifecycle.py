@@ -150,7 +150,7 @@ def _not_found(unit: LocalUnit) -> UnitNotFound:
     )
 
 
-def plan_units(units: Sequence[LocalUnit], snapshot: Snapshot, replace: bool, command: str) -> Plan:
+def plan_units(units: Sequence[LocalUnit], snapshot: Snapshot, replace: bool) -> Plan:
     """Decide the content of every unit against one snapshot. Raises before anything is written
     when any unit is invalid or cannot be found."""
     plan = Plan()
@@ -397,7 +397,7 @@ def _activate(
 ) -> None:
     local = read_arguments(units, activating=True)
     reg = registry(ctx)
-    plan, snapshot = write(reg, lambda snap: plan_units(local, snap, replace, command), target)
+    plan, snapshot = write(reg, lambda snap: plan_units(local, snap, replace), target)
     names = [r.name for r in plan.records]
     settle(reg, snapshot, names, target, no_block, attempts, command)
 
@@ -406,7 +406,7 @@ def submit(ctx: typer.Context, units: UnitArgs, replace: Replace = False) -> Non
     """Put units into the cluster without scheduling them (desired state inactive)."""
     local = read_arguments(units, activating=False)
     reg = registry(ctx)
-    plan, _ = write(reg, lambda snap: plan_units(local, snap, replace, "submit"), None)
+    plan, _ = write(reg, lambda snap: plan_units(local, snap, replace), None)
     for name in plan.created:
         output.echo(f"Unit {name} inactive")
 

@@ -50,18 +50,17 @@ def snap(
 
 
 @pytest.mark.parametrize(
-    ("unit", "registry", "desired", "replace", "command", "text", "notice"),
+    ("unit", "registry", "desired", "replace", "text", "notice"),
     [
-        (local("a.service", V1), {}, {}, False, "submit", V1, ""),
-        (local("a.service", V1), {"a.service": V1}, {}, False, "submit", V1, ""),
-        (local("a.service", V2), {"a.service": V1}, {}, False, "start", V1, "differs from local"),
-        (local("a.service", V2), {"a.service": V1}, {}, True, "submit", V2, ""),
+        (local("a.service", V1), {}, {}, False, V1, ""),
+        (local("a.service", V1), {"a.service": V1}, {}, False, V1, ""),
+        (local("a.service", V2), {"a.service": V1}, {}, False, V1, "differs from local"),
+        (local("a.service", V2), {"a.service": V1}, {}, True, V2, ""),
         (
             local("a.service", V2),
             {"a.service": V1},
             {"a.service": DesiredState.LAUNCHED},
             True,
-            "submit",
             V2,
             "",
         ),
@@ -70,15 +69,14 @@ def snap(
             {"a.service": V1},
             {"a.service": DesiredState.LAUNCHED},
             True,
-            "start",
             V2,
             "",
         ),
-        (local("a.service", None), {"a.service": V1}, {}, False, "start", V1, ""),
-        (local("w@1.service", None), {"w@.service": V1}, {}, False, "start", V1, ""),
-        (local("w@1.service", None, V2), {"w@.service": V1}, {}, False, "start", V1, "template"),
-        (local("w@1.service", None, V2), {}, {}, False, "start", V2, ""),
-        (local("w@1.service", V2), {"w@.service": V1}, {}, False, "start", V2, ""),
+        (local("a.service", None), {"a.service": V1}, {}, False, V1, ""),
+        (local("w@1.service", None), {"w@.service": V1}, {}, False, V1, ""),
+        (local("w@1.service", None, V2), {"w@.service": V1}, {}, False, V1, "template"),
+        (local("w@1.service", None, V2), {}, {}, False, V2, ""),
+        (local("w@1.service", V2), {"w@.service": V1}, {}, False, V2, ""),
     ],
     ids=[
         "new",
@@ -99,11 +97,10 @@ def test_plan_units(
     registry: dict[str, str],
     desired: dict[str, DesiredState],
     replace: bool,
-    command: str,
     text: str,
     notice: str,
 ) -> None:
-    plan = plan_units([unit], snap(registry, desired), replace, command)
+    plan = plan_units([unit], snap(registry, desired), replace)
     assert [r.text for r in plan.records] == [text]
     assert [r.name for r in plan.records] == [unit.name.name]
     if notice:
@@ -115,14 +112,14 @@ def test_plan_units(
 def test_plan_units_raises_before_writing_anything() -> None:
     units = [local("ok.service", V1), local("bad.service", "[Service\n")]
     with pytest.raises(InvalidUnitFile, match=r"bad\.service"):
-        plan_units(units, snap(), False, "submit")
+        plan_units(units, snap(), False)
     with pytest.raises(UnitNotFound, match=r"no template w@\.service in the registry"):
-        plan_units([local("w@2.service", None)], snap(), False, "start")
+        plan_units([local("w@2.service", None)], snap(), False)
 
 
 def test_requirement_warnings_become_notices() -> None:
     text = V1 + "\n[X-Fleet]\nX-Conflicts=other.service\n"
-    plan = plan_units([local("a.service", text)], snap(), False, "submit")
+    plan = plan_units([local("a.service", text)], snap(), False)
     assert plan.notices == ["a.service: [X-Fleet] X-Conflicts is deprecated: use Conflicts"]
 
 

@@ -220,9 +220,15 @@ class EtcdRegistry:
     # ------------------------------------------------------------------------ fleetctl writes
 
     def _txn(self, compare: list[Any], success: list[Any]) -> bool:
-        with self._calling():
+        # Every transaction here is guarded or idempotent, so one that failed on a dying
+        # endpoint is safe to send again to the next: if the first did commit, the guard of the
+        # second fails and callers treat that as "re-read and decide again".
+        def call() -> bool:
             ok, _ = self._client.transaction(compare=compare, success=success, failure=[])
-        return bool(ok)
+            return bool(ok)
+
+        result: bool = self._retrying(call)
+        return result
 
     def write_units(
         self,
@@ -281,12 +287,10 @@ class EtcdRegistry:
 
     def request_move(self, unit: str, machine_id: str) -> None:
         """Ask the owner of `unit` to hand it to `machine_id` (a rebalance step)."""
-        with self._calling():
-            self._client.put(self.layout.move(unit), machine_id)
+        self._retrying(lambda: self._client.put(self.layout.move(unit), machine_id))
 
     def clear_move(self, unit: str) -> None:
-        with self._calling():
-            self._client.delete(self.layout.move(unit))
+        self._retrying(lambda: self._client.delete(self.layout.move(unit)))
 
     # --------------------------------------------------------------------------- agent writes
 
@@ -305,22 +309,25 @@ class EtcdRegistry:
         return 0.0
 
     def revoke(self, lease_id: int) -> None:
-        with self._calling():
-            self._client.revoke_lease(lease_id)
+        self._retrying(lambda: self._client.revoke_lease(lease_id))
 
     def register_machine(self, machine: Machine, lease_id: int) -> bool:
         """Announce the machine, only if no live agent holds its id already."""
         tx = self._client.transactions
         key = self.layout.machine(machine.id)
-        return self._txn(
-            [tx.create(key) == 0], [tx.put(key, encode_machine(machine), lease=lease_id)]
-        )
+        if self._txn([tx.create(key) == 0], [tx.put(key, encode_machine(machine), lease=lease_id)]):
+            return True
+
+        # A retried transaction fails against its own earlier success: the key is then ours.
+        def holder() -> int:
+            _, meta = self._client.get(key)
+            return int(meta.lease_id) if meta is not None else 0
+
+        return bool(self._retrying(holder) == lease_id)
 
     def update_machine(self, machine: Machine, lease_id: int) -> None:
-        with self._calling():
-            self._client.put(
-                self.layout.machine(machine.id), encode_machine(machine), lease=lease_id
-            )
+        key = self.layout.machine(machine.id)
+        self._retrying(lambda: self._client.put(key, encode_machine(machine), lease=lease_id))
 
     def claim(
         self,
@@ -362,11 +369,8 @@ class EtcdRegistry:
         return self._txn([tx.value(owner) == encode_owner(machine_id)], [tx.delete(owner)])
 
     def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None:
-        with self._calling():
-            self._client.put(
-                self.layout.state(unit, state.machine_id), encode_state(state), lease=lease_id
-            )
+        key = self.layout.state(unit, state.machine_id)
+        self._retrying(lambda: self._client.put(key, encode_state(state), lease=lease_id))
 
     def delete_state(self, unit: str, machine_id: str) -> None:
-        with self._calling():
-            self._client.delete(self.layout.state(unit, machine_id))
+        self._retrying(lambda: self._client.delete(self.layout.state(unit, machine_id)))

@@ -114,3 +114,30 @@ def test_agents_ride_out_an_etcd_leader_failover(etcd3) -> None:  # noqa: F811
         assert sum(len(units) for units in running.values()) == 7
     finally:
         harness.stop_all()
+
+
+def test_fleetctl_fails_over_to_a_live_etcd_member(etcd3, tmp_path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fleetctl = Path(sys.executable).with_name("fleetctl")
+    etcd3.kill_member(0)
+    # The dead member is named first: every command must still go through on the others.
+    endpoints = ",".join(etcd3.endpoints)
+    unit = tmp_path / "ha.service"
+    unit.write_text(unit_text())
+    for _ in range(5):
+        result = subprocess.run(
+            [str(fleetctl), "--endpoint", endpoints, "--etcd-key-prefix", "/ha/",
+             "start", "--no-block", str(unit)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        listing = subprocess.run(
+            [str(fleetctl), "--endpoint", endpoints, "--etcd-key-prefix", "/ha/",
+             "list-unit-files", "--no-legend", "--fields", "unit,dstate"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert listing.stdout.split() == ["ha.service", "launched"]

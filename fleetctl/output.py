@@ -15,11 +15,11 @@ from datetime import datetime
 
 import typer
 
-from fleetd.errors import FleetError, InvalidUnitFile
+from fleetd.errors import FleetError, InvalidUnitFile, InvalidUnitName
 from fleetd.model import PublishedState
 from fleetd.placement import explain
 from fleetd.snapshot import Snapshot, UnitRecord
-from fleetd.unitfile import parse_unit_file
+from fleetd.unitfile import expand_specifiers, parse_unit_file, parse_unit_name
 
 TAB_WIDTH = 8
 PADDING = 1
@@ -111,9 +111,12 @@ def format_hash(value: str, full: bool) -> str:
 
 
 def description(record: UnitRecord) -> str:
+    """The [Unit] Description, with specifiers expanded as systemd shows it ("Web %i" of
+    web@1.service reads "Web 1")."""
     try:
-        return parse_unit_file(record.text, record.name).description
-    except InvalidUnitFile:
+        text = parse_unit_file(record.text, record.name).description
+        return expand_specifiers(text, parse_unit_name(record.name))
+    except (InvalidUnitFile, InvalidUnitName):
         return ""
 
 
@@ -236,12 +239,12 @@ def unit_files_table(
 
 def machine_verdicts(snapshot: Snapshot, name: str) -> tuple[str, list[str]]:
     """Why `name` can or cannot run on each machine: a reason that holds for every machine (then
-    no per-machine lines), else one `label: reason` per machine, by machine id."""
+    no per-machine lines), else one `label: reason` per machine, by label."""
     placement = explain(snapshot, name)
     if placement.blocked:
         return placement.blocked, []
     lines = []
-    for machine_id, machine in sorted(snapshot.machines.items()):
+    for machine_id, machine in sorted(snapshot.machines.items(), key=lambda m: (m[1].label, m[0])):
         reason = placement.refusals.get(machine_id)
         lines.append(f"{machine.label}: {reason or 'can run it'}")
     return "", lines

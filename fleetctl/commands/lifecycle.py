@@ -296,11 +296,8 @@ def why_not(snapshot: Snapshot, name: str, target: DesiredState) -> str:
         if placement.ranked:
             able = ", ".join(_label(snapshot, m) for m in placement.ranked)
             return f"no machine has claimed it yet ({able} can run it)"
-        refusals = "; ".join(
-            f"{_label(snapshot, m)}: {placement.refusals.get(m, 'refused')}"
-            for m in sorted(snapshot.machines)
-        )
-        return f"no machine can run it: {refusals}"
+        _, verdicts = output.machine_verdicts(snapshot, name)
+        return f"no machine can run it: {'; '.join(verdicts)}"
     where = f"{_label(snapshot, owner)} ({output.machine_legend(snapshot, owner)})"
     state = per.get(owner)
     if state is None:

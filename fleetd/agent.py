@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 
 from fleetd import __version__
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
 from fleetd.model import DesiredState, Machine, PublishedState, SystemdState
-from fleetd.placement import View, claim_guards, plan_placements
+from fleetd.placement import Placement, View, claim_guards, plan_placements
 from fleetd.planner import Task, TaskKind, plan_claims, plan_local
 from fleetd.ports import UnitManager
 from fleetd.registry import EtcdRegistry, WatchEvent
@@ -35,6 +36,40 @@ from fleetd.snapshot import Snapshot
 log = logging.getLogger("fleetd")
 
 Clock = Callable[[], float]
+
+
+class _PlanCache:
+    """Placement plans by (cluster, prefix, revision), shared by the agents of one process.
+
+    A plan is a pure function of the registry's content, and the content at one etcd revision is
+    the same for every agent that has applied all events up to it. One fleetd per host gains
+    nothing; a process simulating many machines (the scale benchmark, the race tests) plans once
+    per revision instead of once per machine and revision.
+    """
+
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plans: OrderedDict[Hashable, Mapping[str, Placement]] = OrderedDict()
+
+    def __call__(
+        self, key: Hashable, plan: Callable[[], Mapping[str, Placement]]
+    ) -> Mapping[str, Placement]:
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._plans.move_to_end(key)
+                return found
+        result = plan()
+        with self._lock:
+            self._plans[key] = result
+            while len(self._plans) > self.SIZE:
+                self._plans.popitem(last=False)
+        return result
+
+
+_shared_plan = _PlanCache()
 
 
 class Agent:
@@ -165,15 +200,20 @@ class Agent:
     def _watchdog_loop(self) -> None:
         """Fence on time alone. It must not wait for a keep-alive call to fail: a call into a
         partition can hang for the whole request timeout, longer than the margin we have."""
-        while not self._stopping.wait(0.05):
+        pause = 0.05
+        while not self._stopping.wait(pause):
+            pause = 0.05
             if self._fenced or not self._registered:
                 continue
             silent = self.clock() - self._last_keepalive
-            if silent >= self.fence_after():
-                log.error("no lease keep-alive for %.1fs: stopping every unit here", silent)
-                self._fenced = True
-                self._stop_everything("fenced: etcd unreachable, the lease may expire")
-                self._wake.set()
+            if silent < self.fence_after():
+                # Sleep until fencing could first be due; a keep-alive meanwhile moves it on.
+                pause = max(0.05, self.fence_after() - silent)
+                continue
+            log.error("no lease keep-alive for %.1fs: stopping every unit here", silent)
+            self._fenced = True
+            self._stop_everything("fenced: etcd unreachable, the lease may expire")
+            self._wake.set()
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, self.config.agent_ttl / 4)
@@ -259,7 +299,10 @@ class Agent:
         if self._fenced:
             return
         now = self.clock()
-        placements = plan_placements(snap, limit=self.plan_window(snap))
+        placements = _shared_plan(
+            (tuple(self.registry.endpoints), self.registry.layout.prefix, snap.revision),
+            lambda: plan_placements(snap, limit=self.plan_window(snap)),
+        )
         claim_plan = plan_claims(
             placements, self.me, self._first_seen, now, self.config.claim_stagger
         )

@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--units", type=int, default=200)
-    parser.add_argument("--stagger", type=float, default=0.5, help="claim_stagger of the agents")
+    parser.add_argument("--stagger", type=float, default=1.0, help="claim_stagger of the agents")
     args = parser.parse_args()
     bench_plan(args.units, args.agents)
     bench_cluster(args.agents, args.units, args.stagger)

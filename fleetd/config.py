@@ -41,7 +41,7 @@ class Config:
     machine_id: str = ""
     hostname: str = ""
     # Seconds a machine ranked r-th waits, times r, before it bids for a unit (see planner).
-    claim_stagger: float = 1.0
+    claim_stagger: float = 2.0
 
 
 def parse_metadata(value: Any, source: str) -> dict[str, str]:

@@ -458,32 +458,20 @@ def _validate(req: Requirements, unit_name: UnitName, source: str) -> None:
         "MaxPerZone": req.max_per_zone is not None,
         "MaxPerRegion": req.max_per_region is not None,
     }
+    # Rules that name a zone or region make no sense for a unit pinned to one machine or run on
+    # all of them.
+    level_rules = (
+        "ZoneOf",
+        "RegionOf",
+        "ZoneConflicts",
+        "RegionConflicts",
+        "MaxPerZone",
+        "MaxPerRegion",
+    )
     exclusive = [
-        ("MachineID", ("MachineOf", "Conflicts", "Global", "Replaces")),
-        ("Global", ("MachineOf", "Replaces")),
+        ("MachineID", ("MachineOf", "Conflicts", "Global", "Replaces", *level_rules)),
+        ("Global", ("MachineOf", "Replaces", *level_rules)),
         ("Conflicts", ("Replaces",)),
-        (
-            "MachineID",
-            (
-                "ZoneOf",
-                "RegionOf",
-                "ZoneConflicts",
-                "RegionConflicts",
-                "MaxPerZone",
-                "MaxPerRegion",
-            ),
-        ),
-        (
-            "Global",
-            (
-                "ZoneOf",
-                "RegionOf",
-                "ZoneConflicts",
-                "RegionConflicts",
-                "MaxPerZone",
-                "MaxPerRegion",
-            ),
-        ),
     ]
     for first, others in exclusive:
         if not present[first]:

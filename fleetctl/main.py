@@ -7,6 +7,7 @@ the table's exit code; `--debug` lets the exception through with its traceback i
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -143,6 +144,10 @@ for group in (lifecycle, listing, inspect, rebalance, version):
 
 
 def main() -> None:
+    # gRPC's C core writes its own log lines to stderr, where fleetctl promises one line per
+    # error. It reads the variable when the registry first imports it, after this point.
+    if "--debug" not in sys.argv:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     app(prog_name="fleetctl")
 
 

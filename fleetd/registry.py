@@ -134,8 +134,14 @@ class EtcdRegistry:
         try:
             yield
         except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
+            reason = _reason(exc)
+            if any(e.startswith("https:") for e in self.endpoints) and isinstance(
+                exc, etcd_exceptions.ConnectionFailedError | etcd_exceptions.NoServerAvailableError
+            ):
+                # gRPC reports a refused TLS handshake like any unreachable server.
+                reason += " (or the TLS handshake failed: check the CA, certificate and key files)"
             raise RegistryUnavailable(
-                f"cannot reach etcd at {','.join(self.endpoints)}: {_reason(exc)}"
+                f"cannot reach etcd at {','.join(self.endpoints)}: {reason}"
             ) from exc
 
     def _retrying(self, call: Callable[[], Any], attempts: int = 3) -> Any:

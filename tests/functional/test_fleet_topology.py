@@ -66,6 +66,19 @@ def test_zone_conflicts_one_web_server_per_zone(fleet: Cluster) -> None:
         assert f"{machine}: zone {zone} already runs web@" in text, text
     assert "(ZoneConflicts=web@*.service)" in text
 
+    # Halting a zone's machines moves its web server nowhere: every other zone has one.
+    emptied = ZONES[placed["web@1.service"]]
+    for machine, zone in ZONES.items():
+        if zone == emptied:
+            fleet.halt(machine)
+    wait_until(
+        lambda: "web@1.service" not in fleet.where() or None, what="web@1 taken down with its zone"
+    )
+    waiting_status(fleet, "web@1.service", "already runs web@")
+    now = fleet.where()
+    assert sorted(by_zone(now, "web@").values()) == [1, 1], now
+    assert "web@4.service" not in now
+
 
 def test_max_per_zone(fleet: Cluster, unit_dir: Path) -> None:
     write_unit(unit_dir, "mz@.service", "MaxPerZone=2")

@@ -249,6 +249,11 @@ class Agent:
         threading.Thread(
             target=self._guarded(self._watchdog_loop), name="watchdog", daemon=True
         ).start()
+        # Units still loaded from an earlier run of this agent (it crashed; systemd kept them)
+        # are owned by nobody we know of: their lease dies with that run and another machine
+        # may already run them. Stop them before anything else; if they are ours, the first
+        # round loads and starts them again.
+        self._stop_everything("left over from a previous run of the agent")
         backoff = 0.5
         while not self._stopping.is_set():
             try:

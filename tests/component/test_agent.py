@@ -314,3 +314,50 @@ def test_metadata_change_moves_a_unit_that_no_longer_matches(harness: Harness) -
     )
     assert after.machines[owner.agent.me].metadata == {"disk": "hdd"}
     wait_until(lambda: owner.manager.loaded_units() == {})
+
+
+def test_units_left_by_a_crashed_run_are_stopped_at_start(etcd, etcd_prefix) -> None:  # noqa: F811
+    """A unit still running in systemd when fleetd starts belongs to nobody we know of: the
+    crashed run's lease still holds the machine id, so the new run cannot even join yet, and by
+    the time that lease expires another machine may claim the unit. It is stopped at once."""
+    import threading
+    import uuid
+
+    from fleetd.agent import Agent
+    from fleetd.config import Config
+    from fleetd.fake_systemd import FakeUnitManager
+    from fleetd.model import Machine
+    from fleetd.registry import EtcdRegistry
+
+    machine_id = uuid.uuid4().hex
+    crashed = EtcdRegistry(list(etcd.endpoints), etcd_prefix)
+    old_lease = crashed.grant_lease(30)
+    assert crashed.register_machine(Machine(machine_id), old_lease)
+    manager = FakeUnitManager()
+    manager.load("orphan.service", "[Service]\nExecStart=/bin/sleep 1000\n")
+    manager.reload()
+    manager.start("orphan.service")
+    config = Config(
+        etcd_servers=tuple(etcd.endpoints),
+        etcd_key_prefix=etcd_prefix,
+        machine_id=machine_id,
+        agent_ttl=3.0,
+    )
+    agent = Agent(config, EtcdRegistry(config.etcd_servers, etcd_prefix), manager)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (
+            manager.states(["orphan.service"])["orphan.service"].active == "active"
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert manager.states(["orphan.service"])["orphan.service"].active != "active"
+        # ... while the machine id is still held by the old lease: the agent has not joined.
+        assert crashed.snapshot().machines[machine_id] == Machine(machine_id)
+    finally:
+        agent.stop()
+        thread.join(30)
+        crashed.revoke(old_lease)
+        crashed.close()

@@ -101,6 +101,7 @@ class Agent:
         self._fenced = False
         self._last_keepalive = clock()
         self._cancel_watch: Callable[[], None] | None = None
+        self._synced_at = 0
         self._first_seen: dict[str, float] = {}
         self._next_wake: float | None = None
         self._started: set[tuple[str, str]] = set()
@@ -167,6 +168,7 @@ class Agent:
         snap = self.registry.snapshot()
         with self._lock:
             self._snapshot = snap
+            self._synced_at = snap.revision
         self._resync.clear()
         self._cancel_watch = self.registry.watch(snap.revision + 1, self._on_watch)
         self._wake.set()
@@ -179,6 +181,9 @@ class Agent:
             return
         with self._lock:
             for event in batch:
+                if event.mod_revision <= self._synced_at:
+                    # A late event of a cancelled watch: the fresh read already has newer data.
+                    continue
                 self._snapshot.apply(
                     self.registry.layout,
                     event.key,

@@ -31,6 +31,7 @@ from fleetd.placement import Placement, View, claim_guards, plan_placements
 from fleetd.planner import Task, TaskKind, plan_claims, plan_local
 from fleetd.ports import UnitManager
 from fleetd.registry import EtcdRegistry, WatchEvent
+from fleetd.sdnotify import Notifier
 from fleetd.snapshot import Snapshot
 
 log = logging.getLogger("fleetd")
@@ -84,6 +85,7 @@ class Agent:
         manager: UnitManager,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -110,6 +112,9 @@ class Agent:
         self._heartbeat: threading.Thread | None = None
         self._leave = True
         self._systemd = threading.RLock()
+        self.notifier = notifier or Notifier()
+        self._last_loop = clock()
+        self._ready = False
 
     # ------------------------------------------------------------------------------ identity
 
@@ -206,14 +211,25 @@ class Agent:
         """Fence on time alone. It must not wait for a keep-alive call to fail: a call into a
         partition can hang for the whole request timeout, longer than the margin we have."""
         pause = 0.05
+        ping_every = (self.notifier.watchdog_interval or 0) / 2
+        last_ping = 0.0
         while not self._stopping.wait(pause):
             pause = 0.05
+            now = self.clock()
+            # Ping systemd's watchdog only while the reconcile loop itself still turns: a loop
+            # stuck for the whole watchdog interval gets this process killed and restarted.
+            if ping_every and now - last_ping >= ping_every:
+                if now - self._last_loop < 2 * ping_every:
+                    self.notifier.send("WATCHDOG=1")
+                last_ping = now
             if self._fenced or not self._registered:
                 continue
             silent = self.clock() - self._last_keepalive
             if silent < self.fence_after():
                 # Sleep until fencing could first be due; a keep-alive meanwhile moves it on.
                 pause = max(0.05, self.fence_after() - silent)
+                if ping_every:
+                    pause = min(pause, ping_every)
                 continue
             log.error("no lease keep-alive for %.1fs: stopping every unit here", silent)
             self._fenced = True
@@ -261,6 +277,7 @@ class Agent:
         self._stop_everything("left over from a previous run of the agent")
         backoff = 0.5
         while not self._stopping.is_set():
+            self._last_loop = self.clock()
             try:
                 if self._fenced:
                     # Only systemd is touched here: etcd may be the thing that is unreachable.
@@ -270,6 +287,9 @@ class Agent:
                         self._stopping.wait(2.0)
                         continue
                     self._sync()
+                    if not self._ready:
+                        self.notifier.send("READY=1")
+                        self._ready = True
                 if self._resync.is_set():
                     self._sync()
                 self.reconcile_once()
@@ -462,6 +482,7 @@ class Agent:
         presence vanish in one step and the other machines race for the units at once."""
         if self._cancel_watch is not None:
             self._cancel_watch()
+        self.notifier.send("STOPPING=1")
         if not self._leave:
             log.info("vanishing without leaving the cluster")
             self.registry.close()

@@ -37,6 +37,7 @@ def build_agent(config: Config) -> Agent:
     # Adapters are imported here so that `fleetd --help` and config errors do not need D-Bus.
     from fleetd.agent import Agent
     from fleetd.registry import EtcdRegistry
+    from fleetd.sdnotify import Notifier
     from fleetd.systemd import DbusUnitManager
 
     registry = EtcdRegistry(
@@ -48,7 +49,7 @@ def build_agent(config: Config) -> Agent:
         key_file=config.etcd_keyfile,
     )
     manager = DbusUnitManager(Path(config.units_directory), user=config.systemd_user)
-    return Agent(config, registry, manager)
+    return Agent(config, registry, manager, notifier=Notifier.from_environ(os.environ))
 
 
 @app.command()

@@ -361,3 +361,46 @@ def test_units_left_by_a_crashed_run_are_stopped_at_start(etcd, etcd_prefix) -> 
         thread.join(30)
         crashed.revoke(old_lease)
         crashed.close()
+
+
+def test_agent_tells_systemd_ready_pings_its_watchdog_and_says_stopping(
+    etcd, etcd_prefix, tmp_path  # noqa: F811
+) -> None:
+    """Type=notify and WatchdogSec=: READY=1 once joined, WATCHDOG=1 while the loop turns,
+    STOPPING=1 on the way out."""
+    import socket
+    import threading
+    import uuid
+
+    from fleetd.agent import Agent
+    from fleetd.config import Config
+    from fleetd.fake_systemd import FakeUnitManager
+    from fleetd.registry import EtcdRegistry
+    from fleetd.sdnotify import Notifier
+
+    path = tmp_path / "notify"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    config = Config(etcd_servers=tuple(etcd.endpoints), etcd_key_prefix=etcd_prefix,
+                    machine_id=uuid.uuid4().hex, agent_ttl=3.0)
+    agent = Agent(config, EtcdRegistry(config.etcd_servers, etcd_prefix), FakeUnitManager(),
+                  notifier=Notifier(str(path), watchdog_interval=0.2))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        received = [server.recv(100).decode() for _ in range(6)]
+        assert "READY=1" in received
+        assert received.count("WATCHDOG=1") >= 3
+    finally:
+        agent.stop()
+        thread.join(30)
+    rest = []
+    server.settimeout(0.5)
+    try:
+        while True:
+            rest.append(server.recv(100).decode())
+    except TimeoutError:
+        pass
+    server.close()
+    assert "STOPPING=1" in rest

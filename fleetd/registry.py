@@ -242,35 +242,34 @@ class EtcdRegistry:
         desired: DesiredState | None,
         seen: Snapshot,
     ) -> bool:
-        """Write unit contents and/or desired states in one transaction, guarded on every touched
-        unit key still having the revision `seen` shows, so concurrent fleetctl runs cannot
-        silently overwrite each other. Returns False when the guard failed (re-read, retry)."""
+        """Write unit contents and/or desired states, each unit guarded on its key still having
+        the revision `seen` shows, so concurrent fleetctl runs cannot silently overwrite each
+        other. Returns False when a guard failed (re-read, decide again, retry).
+
+        Up to MAX_TXN_OPS / 2 units go in one transaction, so agents see such a batch at once
+        and plan it as a whole. A larger batch is split, each part carrying its own units'
+        guards; after a failed part, the parts before it stay written and a retry finds them
+        already done.
+        """
         tx = self._client.transactions
-        compare: list[Any] = []
-        success: list[Any] = []
+        groups: list[tuple[Any, list[Any]]] = []
         for record in records:
             key = self.layout.unit(record.name)
             old = seen.units.get(record.name)
-            compare.append(tx.mod(key) == (old.revision if old else 0))
+            ops: list[Any] = []
             if old is None or old.hash != record.hash:
-                success.append(tx.put(key, encode_unit(record)))
+                ops.append(tx.put(key, encode_unit(record)))
             current = seen.desired.get(record.name)
             state = desired or (current.state if current else DesiredState.INACTIVE)
             if current is None or current.state is not state:
-                success.append(tx.put(self.layout.desired(record.name), state.value))
-        if not success:
-            return True
-        return self._txn_batched(compare, success)
-
-    def _txn_batched(self, compare: list[Any], success: list[Any]) -> bool:
-        if len(compare) + len(success) <= MAX_TXN_OPS:
-            return self._txn(compare, success)
-        # Too large for one transaction: apply in chunks, each guarded by its own compares.
-        # The puts are idempotent, so a retry after a partial failure converges.
-        for i in range(0, max(len(success), 1), MAX_TXN_OPS // 2):
-            if not self._txn(compare[: MAX_TXN_OPS // 2], success[i : i + MAX_TXN_OPS // 2]):
+                ops.append(tx.put(self.layout.desired(record.name), state.value))
+            if ops:
+                groups.append((tx.mod(key) == (old.revision if old else 0), ops))
+        per_txn = MAX_TXN_OPS // 2
+        for start in range(0, len(groups), per_txn):
+            chunk = groups[start : start + per_txn]
+            if not self._txn([c for c, _ in chunk], [op for _, ops in chunk for op in ops]):
                 return False
-            compare = []
         return True
 
     def set_desired(self, names: Iterable[str], state: DesiredState) -> None:

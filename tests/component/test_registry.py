@@ -1,0 +1,129 @@
+"""The etcd adapter's transactions against a real etcd: batches larger than one transaction,
+the guards of unit writes, and every guard of a claim."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetd.model import DesiredState, Machine
+from fleetd.placement import Guards
+from fleetd.registry import MAX_TXN_OPS, EtcdRegistry
+from fleetd.snapshot import UnitRecord
+from fleetd.unitfile import content_hash
+from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
+
+pytestmark = pytest.mark.component
+
+NO_GUARDS = Guards({}, frozenset())
+
+
+def record(name: str, text: str = "[Service]\nExecStart=/bin/true\n") -> UnitRecord:
+    return UnitRecord(name, text, content_hash(text))
+
+
+@pytest.fixture
+def registry(etcd, etcd_prefix):  # noqa: F811
+    reg = EtcdRegistry(list(etcd.endpoints), etcd_prefix)
+    yield reg
+    reg.close()
+
+
+def test_a_batch_larger_than_one_transaction(registry: EtcdRegistry) -> None:
+    count = MAX_TXN_OPS + 30
+    records = [record(f"many@{i}.service") for i in range(count)]
+    assert registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    assert len(snap.units) == count
+    assert {d.state for d in snap.desired.values()} == {DesiredState.LAUNCHED}
+
+
+def test_a_stale_guard_in_a_later_part_fails_and_a_retry_converges(
+    registry: EtcdRegistry,
+) -> None:
+    names = [f"part@{i}.service" for i in range(MAX_TXN_OPS)]
+    stale = registry.snapshot()
+    # Someone else writes the last unit after our snapshot.
+    assert registry.write_units(
+        [record(names[-1], "[Service]\nExecStart=/bin/false\n")], None, stale
+    )
+    assert not registry.write_units([record(n) for n in names], DesiredState.LOADED, stale)
+    fresh = registry.snapshot()
+    assert registry.write_units([record(n) for n in names], DesiredState.LOADED, fresh)
+    final = registry.snapshot()
+    assert {n for n in final.units} == set(names)
+    assert all(final.units[n].hash == record(n).hash for n in names)
+
+
+def _machine(registry: EtcdRegistry, machine_id: str = "m1") -> int:
+    lease = registry.grant_lease(10)
+    assert registry.register_machine(Machine(machine_id), lease)
+    return lease
+
+
+def test_claim_is_refused_once_any_unit_content_changed(registry: EtcdRegistry) -> None:
+    lease = _machine(registry)
+    registry.write_units([record("a.service")], DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    registry.write_units([record("unrelated.service")], None, registry.snapshot())
+    desired = snap.desired["a.service"].revision
+    assert not registry.claim("a.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    fresh = registry.snapshot()
+    assert registry.claim("a.service", "m1", lease, fresh.revision, desired, NO_GUARDS)
+    assert not registry.claim("a.service", "m1", lease, fresh.revision, desired, NO_GUARDS)
+
+
+def test_claim_is_refused_when_a_guarded_owner_changed(registry: EtcdRegistry) -> None:
+    lease = _machine(registry)
+    names = ["web@1.service", "web@2.service", "db.service"]
+    registry.write_units([record(n) for n in names], DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    rev = {n: snap.desired[n].revision for n in names}
+    # web@1 is claimed after the snapshot: a claim guarded on the "web@" prefix must fail...
+    assert registry.claim(
+        "web@1.service", "m1", lease, snap.revision, rev["web@1.service"], NO_GUARDS
+    )
+    by_prefix = Guards({}, frozenset({"web@"}))
+    assert not registry.claim(
+        "web@2.service", "m1", lease, snap.revision, rev["web@2.service"], by_prefix
+    )
+    # ... and so must one guarded on web@1's exact owner revision as seen (absent).
+    exact = Guards({"web@1.service": 0}, frozenset())
+    assert not registry.claim("db.service", "m1", lease, snap.revision, rev["db.service"], exact)
+    # An unrelated guard does not stop it.
+    other = Guards({"cache.service": 0}, frozenset({"cache"}))
+    assert registry.claim("db.service", "m1", lease, snap.revision, rev["db.service"], other)
+
+
+def test_claim_needs_a_live_machine_and_the_desired_state_seen(registry: EtcdRegistry) -> None:
+    lease = _machine(registry)
+    registry.write_units([record("a.service")], DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    desired = snap.desired["a.service"].revision
+    assert not registry.claim("a.service", "ghost", lease, snap.revision, desired, NO_GUARDS)
+    registry.set_desired(["a.service"], DesiredState.LOADED)
+    later = registry.snapshot()
+    assert not registry.claim("a.service", "m1", lease, later.revision, desired, NO_GUARDS)
+
+
+def test_release_only_by_the_owner(registry: EtcdRegistry) -> None:
+    lease = _machine(registry)
+    registry.write_units([record("a.service")], DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    assert registry.claim(
+        "a.service", "m1", lease, snap.revision, snap.desired["a.service"].revision, NO_GUARDS
+    )
+    assert not registry.release("a.service", "m2")
+    assert registry.release("a.service", "m1")
+    assert "a.service" not in registry.snapshot().owners
+
+
+def test_machine_registration_is_exclusive_but_recognises_its_own_lease(
+    registry: EtcdRegistry,
+) -> None:
+    lease = _machine(registry, "m9")
+    other = registry.grant_lease(10)
+    assert not registry.register_machine(Machine("m9"), other)
+    # Sending our own registration again (a retry after a lost answer) is a success.
+    assert registry.register_machine(Machine("m9"), lease)
+    registry.revoke(lease)
+    assert registry.register_machine(Machine("m9"), other)

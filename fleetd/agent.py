@@ -86,6 +86,7 @@ class Agent:
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
         notifier: Notifier | None = None,
+        owns_registry: bool = True,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -113,6 +114,8 @@ class Agent:
         self._leave = True
         self._systemd = threading.RLock()
         self.notifier = notifier or Notifier()
+        # A simulator may hand one client (one connection, one watch stream) to many agents.
+        self._owns_registry = owns_registry
         self._last_loop = clock()
         self._ready = False
 
@@ -485,7 +488,7 @@ class Agent:
         self.notifier.send("STOPPING=1")
         if not self._leave:
             log.info("vanishing without leaving the cluster")
-            self.registry.close()
+            self._close_registry()
             return
         log.info("shutting down: stopping units and leaving the cluster")
         try:
@@ -507,8 +510,12 @@ class Agent:
                 self.registry.revoke(self._lease)
             except RegistryUnavailable as exc:
                 log.warning("could not revoke the lease (it expires by itself): %s", exc)
-        self.registry.close()
+        self._close_registry()
         log.info("stopped")
+
+    def _close_registry(self) -> None:
+        if self._owns_registry:
+            self.registry.close()
 
     def _wait_stopped(self, names: set[str], timeout: float) -> None:
         deadline = self.clock() + timeout

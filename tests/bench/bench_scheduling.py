@@ -57,12 +57,15 @@ def bench_plan(units: int, machines: int) -> None:
     print(f"plan_placements: {units} units x {machines} machines: {per * 1000:.1f} ms per pass")
 
 
-def bench_cluster(agents: int, units: int, stagger: float) -> None:
+def bench_cluster(agents: int, units: int, stagger: float, shared: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-etcd-") as tmp:
         cluster = EtcdCluster.start(Path(tmp), members=1)
         try:
             harness = Harness(
-                list(cluster.endpoints), f"/bench-{uuid.uuid4().hex[:6]}/", stagger=stagger
+                list(cluster.endpoints),
+                f"/bench-{uuid.uuid4().hex[:6]}/",
+                stagger=stagger,
+                shared_client=shared,
             )
             for i in range(agents):
                 harness.add(f"m{i:02d}", {"zone": f"z{i % 4}"})
@@ -186,12 +189,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--units", type=int, default=200)
+    parser.add_argument("--shared-client", action="store_true",
+                        help="in-process agents share one etcd connection (for many agents)")
     parser.add_argument("--real", type=int, default=0, metavar="N",
                         help="also measure a local cluster of N real machines")
     parser.add_argument("--stagger", type=float, default=2.0, help="claim_stagger of the agents")
     args = parser.parse_args()
     bench_plan(args.units, args.agents)
-    bench_cluster(args.agents, args.units, args.stagger)
+    bench_cluster(args.agents, args.units, args.stagger, args.shared_client)
     if args.real:
         bench_real(args.real, args.units)
 

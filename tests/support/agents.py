@@ -37,8 +37,12 @@ class Harness:
     endpoints: list[str]
     prefix: str
     ttl: float = 10.0
+    # One etcd client (one connection, one multiplexed watch stream) for every agent: how the
+    # scale benchmark fits hundreds of simulated machines in one process.
+    shared_client: bool = False
     stagger: float = 0.2
     nodes: dict[str, Node] = field(default_factory=dict)
+    _shared: EtcdRegistry | None = None
 
     def add(self, name: str, metadata: Mapping[str, str] | None = None,
             machine_id: str | None = None, endpoints: list[str] | None = None) -> Node:
@@ -52,9 +56,14 @@ class Harness:
             hostname=name,
             claim_stagger=self.stagger,
         )
-        registry = EtcdRegistry(config.etcd_servers, config.etcd_key_prefix, timeout=3.0)
+        if self.shared_client and endpoints is None:
+            if self._shared is None:
+                self._shared = EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
+            registry = self._shared
+        else:
+            registry = EtcdRegistry(config.etcd_servers, config.etcd_key_prefix, timeout=3.0)
         manager = FakeUnitManager()
-        agent = Agent(config, registry, manager)
+        agent = Agent(config, registry, manager, owns_registry=registry is not self._shared)
         thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
         node = Node(name, agent, manager, thread)
         self.nodes[name] = node
@@ -109,6 +118,9 @@ class Harness:
     def stop_all(self) -> None:
         for name in list(self.nodes):
             self.halt(name)
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
 
     def running(self) -> dict[str, set[str]]:
         """machine name -> units its (fake) systemd runs."""

@@ -5,6 +5,7 @@ bound, for an outcome in the registry and in the fake systemd managers."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -397,10 +398,8 @@ def test_agent_tells_systemd_ready_pings_its_watchdog_and_says_stopping(
         thread.join(30)
     rest = []
     server.settimeout(0.5)
-    try:
+    with contextlib.suppress(TimeoutError):
         while True:
             rest.append(server.recv(100).decode())
-    except TimeoutError:
-        pass
     server.close()
     assert "STOPPING=1" in rest

@@ -6,7 +6,6 @@ joined (on a cluster of its own)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -178,19 +177,7 @@ metadata = { region = "r2", zone = "z3" }
 """
 
 
-def rebalance_available() -> bool:
-    proc = subprocess.run(
-        ["fleetctl", "rebalance", "--help"],
-        capture_output=True,
-        env=Cluster(Path("/nonexistent"), Path("/nonexistent")).env,
-        check=False,
-    )
-    return proc.returncode == 0
-
-
 def test_rebalance_after_machines_joined(tmp_path: Path) -> None:
-    if not rebalance_available():
-        pytest.skip("fleetctl rebalance not available")
     config = tmp_path / "three.toml"
     config.write_text(THREE_ZONES)
     base = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))

@@ -17,7 +17,6 @@ behaviour it mirrors, as measured on systemd 252:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from enum import Enum
 
 from fleetd.errors import InvalidUnitName, SystemdError
 from fleetd.model import SystemdState
+from fleetd.unitfile import content_hash, has_section
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
-_INSTALL_SECTION = re.compile(r"^\s*\[Install\]\s*$", re.MULTILINE)
 _EXEC_START = re.compile(r"^\s*ExecStart\s*=\s*(.*)$", re.MULTILINE)
 _EXIT_CODE = re.compile(r"\bexit\s+(\d+)")
 
@@ -84,7 +83,7 @@ class FakeUnitManager:
     def load(self, name: str, text: str) -> None:
         _check_name(name)
         self._files[name] = text
-        if _INSTALL_SECTION.search(text):
+        if has_section(text, "Install"):
             self._enabled.add(name)
         else:
             self._enabled.discard(name)
@@ -139,7 +138,7 @@ class FakeUnitManager:
         self._collect_garbage()
 
     def loaded_units(self) -> dict[str, str]:
-        return {name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._files.items()}
+        return {name: content_hash(text) for name, text in self._files.items()}
 
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
         result: dict[str, SystemdState] = {}

@@ -9,9 +9,7 @@ made per adapter and reused: a fresh proxy introspects the object on every creat
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,27 +19,18 @@ from pydbus import SystemBus, connect
 
 from fleetd.errors import InvalidUnitName, SystemdError
 from fleetd.model import SystemdState
+from fleetd.unitfile import content_hash, has_section
 
 SYSTEMD_SERVICE = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
-_INSTALL_SECTION = re.compile(r"^\s*\[Install\]\s*$", re.MULTILINE)
 # D-Bus errors systemd answers with when the unit (or its file) simply is not there; unloading a
 # unit that never got that far is not a failure.
 _ABSENT_ERRORS = frozenset(
     {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.FileNotFound"}
 )
-
-
-def has_install_section(text: str) -> bool:
-    return _INSTALL_SECTION.search(text) is not None
-
-
-def unit_hash(text: str) -> str:
-    """The content hash fleet publishes for a unit file."""
-    return hashlib.sha1(text.encode()).hexdigest()
 
 
 class DbusUnitManager:
@@ -81,7 +70,7 @@ class DbusUnitManager:
         tmp.write_text(text)
         tmp.replace(path)
         self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
-        if has_install_section(text):
+        if has_section(text, "Install"):
             self._call(name, "enable", "EnableUnitFiles", [name], True, True)
 
     def reload(self) -> None:
@@ -107,7 +96,7 @@ class DbusUnitManager:
         except FileNotFoundError:
             return {}
         return {
-            entry.name: unit_hash(entry.read_text())
+            entry.name: content_hash(entry.read_text())
             for entry in entries
             if not entry.name.startswith(".") and entry.is_file()
         }

@@ -178,6 +178,12 @@ def content_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def has_section(text: str, section: str) -> bool:
+    """Whether the text has a `[section]` header line, even one with no options (systemd enables a
+    unit from its [Install] section; the adapters need only this, not a full parse)."""
+    return re.search(rf"^\s*\[{re.escape(section)}\]\s*$", text, re.MULTILINE) is not None
+
+
 _SECTION = re.compile(r"^\[([^\[\]]+)\]$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -166,7 +166,7 @@ class UnitFile:
         return [o.value for o in self.options if o.section == section and o.key == key]
 
     def has_section(self, section: str) -> bool:
-        return any(o.section == section for o in self.options) or f"[{section}]" in self.text
+        return has_section(self.text, section)
 
     @property
     def description(self) -> str:

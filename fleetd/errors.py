@@ -31,10 +31,6 @@ class UnitNotFound(FleetError):
     """The registry holds no unit of that name."""
 
 
-class UnitFileNotFound(FleetError):
-    """A local unit file named on the command line does not exist."""
-
-
 class TemplateNotStartable(FleetError):
     """A template (foo@.service) can be submitted but never loaded or started."""
 
@@ -45,10 +41,6 @@ class ConfigError(FleetError):
 
 class RegistryUnavailable(Temporary):
     """etcd cannot be reached or did not answer in time."""
-
-
-class MachineIdInUse(Temporary):
-    """Another live agent already holds this machine id; retried until that agent leaves."""
 
 
 class SystemdError(Temporary):

@@ -81,9 +81,6 @@ class KeyLayout:
     def kind_prefix(self, kind: Kind) -> str:
         return f"{self.prefix}{kind.value}/"
 
-    def unit_states_prefix(self, name: str) -> str:
-        return f"{self.prefix}state/{name}/"
-
     def parse(self, key: str) -> ParsedKey | None:
         """Split a key under this prefix; None for a key this layout does not own."""
         if not key.startswith(self.prefix):

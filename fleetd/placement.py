@@ -60,10 +60,6 @@ class Placement:
     refusals: Mapping[str, str] = field(default_factory=dict)
     blocked: str = ""
 
-    @property
-    def schedulable(self) -> bool:
-        return bool(self.ranked)
-
 
 # --------------------------------------------------------------------------------------- view
 
@@ -149,9 +145,6 @@ class View:
                     continue
                 chosen.append(name)
             self.globals_on[machine_id] = chosen
-
-    def global_eligible(self, unit: str, machine_id: str) -> bool:
-        return unit in self.globals_on.get(machine_id, ())
 
     # -- queries
 
@@ -308,24 +301,31 @@ def check_machine_of(
     )
 
 
+def _same_level(view: View, level: str) -> Callable[[str, str], bool]:
+    """Whether two machines share a zone (or region); a machine without the key shares none."""
+
+    def same(a: str, b: str) -> bool:
+        key = view.zone_of_machine if level == "zone" else view.region_of_machine
+        mine = key(a)
+        return mine is not None and mine == key(b)
+
+    return same
+
+
 def check_zone_of(
     unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
 ) -> Verdict:
-    def same(a: str, b: str) -> bool:
-        za = view.zone_of_machine(a)
-        return za is not None and za == view.zone_of_machine(b)
-
-    return _peer_verdict(unit, req.zone_of, "ZoneOf", machine, view, same, "zone")
+    return _peer_verdict(
+        unit, req.zone_of, "ZoneOf", machine, view, _same_level(view, "zone"), "zone"
+    )
 
 
 def check_region_of(
     unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
 ) -> Verdict:
-    def same(a: str, b: str) -> bool:
-        ra = view.region_of_machine(a)
-        return ra is not None and ra == view.region_of_machine(b)
-
-    return _peer_verdict(unit, req.region_of, "RegionOf", machine, view, same, "region")
+    return _peer_verdict(
+        unit, req.region_of, "RegionOf", machine, view, _same_level(view, "region"), "region"
+    )
 
 
 def check_conflicts(

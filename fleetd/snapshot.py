@@ -11,13 +11,14 @@ claim transaction, so a decision is only committed if the facts it was based on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
-from fleetd.keys import KeyLayout, Kind
+from fleetd.keys import KeyLayout, Kind, ParsedKey
 from fleetd.model import DesiredState, Machine, Owner, PublishedState
 from fleetd.unitfile import Requirements, requirements_for
 
@@ -150,72 +151,64 @@ class Snapshot:
         if parsed is None:
             return False
         self.revision = max(self.revision, mod_revision)
-        name = parsed.name
-        deleted = value is None
-        try:
-            if parsed.kind is Kind.UNIT:
-                if deleted:
-                    self.units.pop(name, None)
-                else:
-                    assert value is not None
-                    data = _load(value)
-                    self.units[name] = UnitRecord(
-                        name, str(data["text"]), str(data["hash"]), mod_revision
-                    )
-            elif parsed.kind is Kind.DESIRED:
-                if deleted:
-                    self.desired.pop(name, None)
-                else:
-                    assert value is not None
-                    self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
-            elif parsed.kind is Kind.OWNER:
-                if deleted:
-                    self.owners.pop(name, None)
-                else:
-                    assert value is not None
-                    data = _load(value)
-                    self.owners[name] = Owner(
-                        str(data["machine_id"]), create_revision or mod_revision, mod_revision
-                    )
-            elif parsed.kind is Kind.MACHINE:
-                if deleted:
-                    self.machines.pop(name, None)
-                else:
-                    assert value is not None
-                    data = _load(value)
-                    metadata: Mapping[str, str] = {
-                        str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
-                    }
-                    self.machines[name] = Machine(
-                        str(data["id"]),
-                        str(data.get("public_ip", "")),
-                        metadata,
-                        str(data.get("version", "")),
-                        str(data.get("name", "")),
-                    )
-            elif parsed.kind is Kind.MOVE:
-                if deleted:
-                    self.moves.pop(name, None)
-                else:
-                    assert value is not None
-                    self.moves[name] = value.decode()
-            elif parsed.kind is Kind.STATE:
-                per = self.states.setdefault(name, {})
-                if deleted:
-                    per.pop(parsed.machine_id, None)
-                    if not per:
-                        self.states.pop(name, None)
-                else:
-                    assert value is not None
-                    data = _load(value)
-                    per[parsed.machine_id] = PublishedState(
-                        parsed.machine_id,
-                        str(data["load"]),
-                        str(data["active"]),
-                        str(data["sub"]),
-                        str(data["hash"]),
-                        float(data.get("since", 0.0)),
-                    )
-        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
-            return True
+        if value is None:
+            self._delete(parsed)
+        else:
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                self._put(parsed, value, mod_revision, create_revision)
         return True
+
+    def _delete(self, parsed: ParsedKey) -> None:
+        if parsed.kind is Kind.STATE:
+            per = self.states.get(parsed.name, {})
+            per.pop(parsed.machine_id, None)
+            if not per:
+                self.states.pop(parsed.name, None)
+            return
+        maps: dict[Kind, dict[str, Any]] = {
+            Kind.UNIT: self.units,
+            Kind.DESIRED: self.desired,
+            Kind.OWNER: self.owners,
+            Kind.MACHINE: self.machines,
+            Kind.MOVE: self.moves,
+        }
+        maps[parsed.kind].pop(parsed.name, None)
+
+    def _put(
+        self, parsed: ParsedKey, value: bytes, mod_revision: int, create_revision: int
+    ) -> None:
+        name = parsed.name
+        if parsed.kind is Kind.DESIRED:
+            self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
+        elif parsed.kind is Kind.MOVE:
+            self.moves[name] = value.decode()
+        else:
+            data = _load(value)
+            if parsed.kind is Kind.UNIT:
+                self.units[name] = UnitRecord(
+                    name, str(data["text"]), str(data["hash"]), mod_revision
+                )
+            elif parsed.kind is Kind.OWNER:
+                self.owners[name] = Owner(
+                    str(data["machine_id"]), create_revision or mod_revision, mod_revision
+                )
+            elif parsed.kind is Kind.MACHINE:
+                metadata: Mapping[str, str] = {
+                    str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
+                }
+                self.machines[name] = Machine(
+                    str(data["id"]),
+                    str(data.get("public_ip", "")),
+                    metadata,
+                    str(data.get("version", "")),
+                    str(data.get("name", "")),
+                )
+            elif parsed.kind is Kind.STATE:
+                self.states.setdefault(name, {})[parsed.machine_id] = PublishedState(
+                    parsed.machine_id,
+                    str(data["load"]),
+                    str(data["active"]),
+                    str(data["sub"]),
+                    str(data["hash"]),
+                    float(data.get("since", 0.0)),
+                )

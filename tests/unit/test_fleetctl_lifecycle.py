@@ -260,7 +260,7 @@ class Polled:
         raise AssertionError("not expected")
 
     def close(self) -> None:
-        pass
+        """Nothing to close: the fake holds no connection."""
 
 
 def test_wait_for_polls_exactly_the_attempts() -> None:

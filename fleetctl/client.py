@@ -9,11 +9,12 @@ commands a registry of their choosing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import typer
 
+from fleetctl.ssh import SshOptions
 from fleetd.keys import DEFAULT_PREFIX
 from fleetd.model import DesiredState
 from fleetd.snapshot import Snapshot, UnitRecord
@@ -49,6 +50,7 @@ class GlobalOptions:
     cert_file: str | None = None
     key_file: str | None = None
     debug: bool = False
+    ssh: SshOptions = field(default_factory=SshOptions)
     # The client of this invocation, once built.
     connection: Registry | None = field(default=None, repr=False)
 
@@ -80,7 +82,21 @@ def registry(ctx: typer.Context) -> Registry:
     """The registry client of this invocation, built by `factory` on first use."""
     options = options_of(ctx)
     if options.connection is None:
-        connection = factory(options)
+        target = options
+        if options.ssh.tunnel:
+            target = _tunnelled(ctx, options)
+        connection = factory(target)
         options.connection = connection
         ctx.call_on_close(connection.close)
     return options.connection
+
+
+def _tunnelled(ctx: typer.Context, options: GlobalOptions) -> GlobalOptions:
+    """--tunnel: etcd is reached through ssh port forwards via the tunnel host, as fleet did."""
+    from fleetctl.ssh import Ssh
+
+    ssh = Ssh(options.ssh)
+    ctx.call_on_close(ssh.close)
+    endpoint, stop = ssh.forward_endpoints(options.endpoint)
+    ctx.call_on_close(stop)
+    return replace(options, endpoint=endpoint)

@@ -17,7 +17,13 @@ from typer.core import TyperGroup
 
 from fleetctl import output
 from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
-from fleetctl.commands import inspect, lifecycle, listing, rebalance, version
+from fleetctl.commands import inspect, lifecycle, listing, rebalance, remote, version
+from fleetctl.ssh import (
+    DEFAULT_KNOWN_HOSTS,
+    DEFAULT_SSH_TIMEOUT,
+    DEFAULT_USERNAME,
+    SshOptions,
+)
 from fleetd.errors import ConfigError, FleetError, RegistryUnavailable
 from fleetd.keys import DEFAULT_PREFIX
 
@@ -106,6 +112,42 @@ def root(
         str | None,
         typer.Option(envvar="FLEETCTL_KEY_FILE", help="Client certificate key for https."),
     ] = None,
+    tunnel: Annotated[
+        str,
+        typer.Option(
+            envvar="FLEETCTL_TUNNEL",
+            help="Reach etcd and the machines through ssh to this HOST[:PORT].",
+        ),
+    ] = "",
+    ssh_username: Annotated[
+        str, typer.Option(envvar="FLEETCTL_SSH_USERNAME", help="User name for ssh to machines.")
+    ] = DEFAULT_USERNAME,
+    strict_host_key_checking: Annotated[
+        str,
+        typer.Option(
+            envvar="FLEETCTL_STRICT_HOST_KEY_CHECKING",
+            metavar="BOOL",
+            help="Verify machines' host keys against --known-hosts-file (true/false).",
+        ),
+    ] = "true",
+    known_hosts_file: Annotated[
+        str,
+        typer.Option(
+            envvar="FLEETCTL_KNOWN_HOSTS_FILE",
+            help="Host keys of machines; ignored without strict host key checking.",
+        ),
+    ] = DEFAULT_KNOWN_HOSTS,
+    ssh_timeout: Annotated[
+        float,
+        typer.Option(envvar="FLEETCTL_SSH_TIMEOUT", help="Seconds to wait for an ssh connection."),
+    ] = DEFAULT_SSH_TIMEOUT,
+    ssh_identity_file: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETCTL_SSH_IDENTITY_FILE",
+            help="Private key for ssh (besides ssh-agent and ssh's defaults).",
+        ),
+    ] = None,
     debug: Annotated[
         bool, typer.Option("--debug", envvar="FLEETCTL_DEBUG", help="Debug logging and tracebacks.")
     ] = False,
@@ -128,6 +170,14 @@ def root(
         cert_file=cert_file,
         key_file=key_file,
         debug=debug,
+        ssh=SshOptions(
+            username=ssh_username,
+            tunnel=tunnel,
+            strict_host_key_checking=_truth("--strict-host-key-checking", strict_host_key_checking),
+            known_hosts_file=known_hosts_file,
+            timeout=ssh_timeout,
+            identity_file=ssh_identity_file,
+        ),
     )
     if debug:
         logging.basicConfig(
@@ -139,7 +189,16 @@ def root(
         raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
 
 
-for group in (lifecycle, listing, inspect, rebalance, version):
+def _truth(option: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "t", "true", "yes", "on"):
+        return True
+    if text in ("0", "f", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{option}={value} must be true or false")
+
+
+for group in (lifecycle, listing, inspect, rebalance, remote, version):
     group.register(app)
 
 

@@ -5,7 +5,9 @@ It owns the cluster directory layout and the lifecycle of each simulated machine
     <dir>/cluster.json         the machines (from the cluster file plus `add`) and settings
     <dir>/etcd/                etcd data, logs and etcd.json (see localcluster.etcd)
     <dir>/m/<name>/            one machine: machine-id, fleet.toml, fleetd.log, fleetd.json,
-                               units/, and the systemd user manager's state (localcluster.manager)
+                               units/, the systemd user manager's state and journal
+                               (localcluster.manager), ssh/ with its sshd (localcluster.sshd)
+    <dir>/ssh/                 the operator's ssh key and the machines' known_hosts
 
 Every verb finds running processes again through these files, so each invocation is short-lived
 and several clusters can live side by side in different directories.
@@ -34,6 +36,7 @@ from typing import NoReturn
 
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
 from localcluster.manager import ManagerError, ManagerHandle, start_manager
+from localcluster.sshd import Sshd, SshdError, generate_key, pick_port, write_known_hosts
 
 PROG = "local-cluster"
 VAGRANT_DIR = Path(__file__).resolve().parent.parent
@@ -73,6 +76,7 @@ class ClusterState:
     etcd_members: int
     fast_elections: bool
     machines: list[MachineSpec]
+    ssh_port: int = 22
 
     @classmethod
     def load(cls, dir: Path) -> ClusterState | None:
@@ -87,6 +91,7 @@ class ClusterState:
             agent_ttl=float(raw["agent_ttl"]),
             etcd_members=int(raw["etcd_members"]),
             fast_elections=bool(raw["fast_elections"]),
+            ssh_port=int(raw.get("ssh_port", 22)),
             machines=[
                 MachineSpec(m["name"], int(m["index"]), dict(m["metadata"]))
                 for m in raw["machines"]
@@ -98,6 +103,7 @@ class ClusterState:
             "agent_ttl": self.agent_ttl,
             "etcd_members": self.etcd_members,
             "fast_elections": self.fast_elections,
+            "ssh_port": self.ssh_port,
             "machines": [
                 {"name": m.name, "index": m.index, "metadata": m.metadata} for m in self.machines
             ],
@@ -205,6 +211,11 @@ class Machine:
         machine_id = secrets.token_hex(16)
         path.write_text(machine_id + "\n")
         return machine_id
+
+    # sshd
+
+    def sshd(self) -> Sshd:
+        return Sshd(self.dir, self.name, self.ip, self.cluster.ssh_port, ssh_dir(self.cluster.dir))
 
     # manager
 
@@ -408,6 +419,32 @@ def require_etcd(state: ClusterState) -> EtcdCluster:
     return etcd
 
 
+def ssh_dir(dir: Path) -> Path:
+    return dir / "ssh"
+
+
+def all_machines(state: ClusterState) -> list[Machine]:
+    return [Machine(state, spec) for spec in state.machines]
+
+
+def ensure_operator_key(state: ClusterState) -> Path:
+    """The cluster's operator key, and the authorized_keys every machine's sshd reads."""
+    key = generate_key(ssh_dir(state.dir) / "id_ed25519", f"local-cluster {state.dir}")
+    authorized = ssh_dir(state.dir) / "authorized_keys"
+    authorized.write_text(key.with_suffix(".pub").read_text())
+    return key
+
+
+def ssh_exports(state: ClusterState) -> list[str]:
+    """What fleetctl needs to reach this cluster's machines over ssh."""
+    return [
+        "export FLEETCTL_SSH_USERNAME=root",
+        f"export FLEETCTL_SSH_PORT={state.ssh_port}",
+        f"export FLEETCTL_SSH_IDENTITY_FILE={ssh_dir(state.dir) / 'id_ed25519'}",
+        f"export FLEETCTL_KNOWN_HOSTS_FILE={ssh_dir(state.dir) / 'known_hosts'}",
+    ]
+
+
 def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> list[str]:
     """Start what is not running of each machine, then wait for all to register."""
     to_start = [m for m in machines if not m.fleetd_running()]
@@ -416,6 +453,7 @@ def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> 
 
     def boot(machine: Machine) -> None:
         handle = machine.ensure_manager()
+        machine.sshd().start(handle)
         if machine in to_start:
             machine.start_fleetd(handle, etcd.endpoints)
 
@@ -424,6 +462,10 @@ def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> 
     with ThreadPoolExecutor(max_workers=8) as pool:
         for future in [pool.submit(boot, machine) for machine in machines]:
             future.result()
+    write_known_hosts(
+        ssh_dir(machines[0].cluster.dir) / "known_hosts",
+        [(m.ip, m.cluster.ssh_port, m.sshd().host_key) for m in all_machines(machines[0].cluster)],
+    )
     wait_registered(machines, etcd.endpoints, timeout, baseline)
     return [m.name for m in to_start]
 
@@ -447,6 +489,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             for name, metadata in machines:
                 state.add(name, metadata)
+            state.ssh_port = pick_port(
+                [Machine(state, spec).ip for spec in state.machines], args.ssh_port
+            )
         else:
             if args.etcd_members and args.etcd_members != state.etcd_members:
                 raise UserError(
@@ -459,7 +504,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                         state.add(name, metadata)
             if args.agent_ttl is not None:
                 state.agent_ttl = args.agent_ttl
+            if args.ssh_port is not None and args.ssh_port != state.ssh_port:
+                raise UserError(
+                    f"cluster in {dir} has its sshd on port {state.ssh_port}; "
+                    "`destroy` it to change that"
+                )
         state.save()
+        ensure_operator_key(state)
         t0 = time.monotonic()
         etcd = EtcdCluster.start(
             dir / "etcd", members=state.etcd_members, fast=state.fast_elections
@@ -471,6 +522,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"cluster up in {dir}: {len(machines_)} machine(s), "
         f"{len(started)} fleetd started, {took:.1f}s"
     )
+    print("\n".join(ssh_exports(state)))
+    # Last, as scripts take the last line for the endpoint.
     print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
     return 0
 
@@ -481,6 +534,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     if etcd is None:
         raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
     print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    print("\n".join(ssh_exports(state)))
     return 0
 
 
@@ -691,6 +745,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     dir_opt = _Parser(add_help=False)
     dir_opt.add_argument(
@@ -720,6 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-ttl", type=float, help=f"fleetd agent TTL, seconds (default {DEFAULT_AGENT_TTL:g})"
     )
     up.add_argument("--etcd-members", type=int, choices=(1, 3), help="etcd members (default 1)")
+    up.add_argument(
+        "--ssh-port",
+        type=_port,
+        help="TCP port of every machine's sshd (default 22 if free on every machine address, "
+        "else a free one; 0: always a free one)",
+    )
     up.add_argument(
         "--fast-elections",
         action="store_true",
@@ -784,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    except (EtcdError, ManagerError) as exc:
+    except (EtcdError, ManagerError, SshdError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

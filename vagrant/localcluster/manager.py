@@ -27,7 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SYSTEMD = "/lib/systemd/systemd"
+JOURNALD = "/lib/systemd/systemd-journald"
+JOURNALD_CONF_TARGET = Path("/etc/systemd/journald.conf")
 UNSHARE = "/usr/bin/unshare"
+NSENTER = "/usr/bin/nsenter"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 HANDLE_FILE = "manager.json"
@@ -36,20 +39,71 @@ RUNTIME_DIR = "run"
 # Processes moved in with add_process live in a leaf of their own: on a pure cgroup v2 layout a
 # cgroup whose children have controllers enabled cannot hold processes itself.
 EXTRA_CGROUP = "added"
+# The manager sits one level below the machine's top cgroup, in a cgroup named like a real user
+# manager's: journald derives _SYSTEMD_USER_UNIT (what `journalctl --user-unit` matches) only from
+# paths of the form [<slices>/]user@<uid>.service/..., so the top is a slice name.
+MANAGER_CGROUP = "user@0.service"
+JOURNAL_UNIT = "fleet-local-journald.service"
+# What the machine's journald may keep: the machine's journal lives in a tmpfs of its own.
+_JOURNALD_CONF = """# Written by local-cluster: the journal of one simulated machine.
+[Journal]
+Storage=volatile
+RuntimeMaxUse=16M
+ReadKMsg=no
+Audit=no
+ForwardToSyslog=no
+ForwardToKMsg=no
+ForwardToConsole=no
+ForwardToWall=no
+"""
+# Ordered before basic.target, so the manager counts as running only once its journal listens and
+# every later unit's stdout (StandardOutput=journal, the default) reaches it.
+_JOURNAL_UNIT_TEXT = f"""[Unit]
+Description=Journal of this simulated machine
+DefaultDependencies=no
+Before=basic.target
+
+[Service]
+Type=notify
+ExecStart={JOURNALD}
+StandardOutput=null
+Restart=on-failure
+
+[Install]
+WantedBy=basic.target
+"""
 
 # sockaddr_un.sun_path is 108 bytes; systemd puts "systemd/private" and deeper paths in the
 # runtime dir, so leave room for them.
 _MAX_RUNTIME_DIR = 80
 
+# The launcher joins the manager's cgroup, then builds the machine's private /run/systemd and, when
+# a journal is wanted, its private /run/log, /var/log/journal and journald.conf, all in the mount
+# namespace `unshare` gave it, before it becomes the manager.
 _LAUNCH_SCRIPT = """
 set -e
 systemd_binary=$1
-shift
+journal_dir=$2
+journald_conf=$3
+shift 3
 for procs in "$@"; do echo $$ > "$procs"; done
 mkdir -p /run/systemd
 mount -t tmpfs -o mode=755 tmpfs /run/systemd
 mkdir -p /run/systemd/system
+if [ -n "$journal_dir" ]; then
+    mkdir -p /run/log /var/log/journal
+    mount -t tmpfs -o mode=755,size=64m tmpfs /run/log
+    mount --bind "$journal_dir" /var/log/journal
+    mount --bind "$journald_conf" /etc/systemd/journald.conf
+fi
 exec "$systemd_binary" --user
+"""
+
+_ENTER_SCRIPT = """
+set -e
+while [ "$1" != "--" ]; do echo $$ > "$1"; shift; done
+shift
+exec "$@"
 """
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -82,7 +136,7 @@ def cgroup_name(name: str, state_dir: Path) -> str:
     """A cgroup name unique per state dir (so per cluster and machine) yet readable in ps."""
     digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return f"fleet-local-{digest}-{safe}"
+    return f"fleet-local-{digest}-{safe}.slice"
 
 
 def become_subreaper() -> None:
@@ -108,6 +162,7 @@ class ManagerHandle:
     bus_address: str
     pid: int
     cgroup: str
+    journal: bool = False
 
     @classmethod
     def load(cls, state_dir: Path) -> ManagerHandle | None:
@@ -124,6 +179,7 @@ class ManagerHandle:
                 bus_address=str(raw["bus_address"]),
                 pid=int(raw["pid"]),
                 cgroup=str(raw["cgroup"]),
+                journal=bool(raw.get("journal", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManagerError(f"{state_dir / HANDLE_FILE} is malformed: {exc}") from exc
@@ -252,6 +308,31 @@ class ManagerHandle:
                     f"cannot move pid {pid} into machine {self.name} ({leaf}): {exc}"
                 ) from exc
 
+    def spawn_inside(self, argv: list[str], log: Path, env: dict[str, str]) -> int:
+        """Start a detached process inside the machine: in its cgroup subtree (so `kill` takes it
+        down) and its mount namespace (so it sees the machine's /run/systemd, journal and
+        mounts). It joins the cgroup before it execs, so nothing it forks escapes."""
+        procs = []
+        for top in self.cgroup_dirs():
+            leaf = top / EXTRA_CGROUP
+            leaf.mkdir(exist_ok=True)
+            procs.append(str(leaf / "cgroup.procs"))
+        full = [
+            "/bin/sh", "-c", _ENTER_SCRIPT, "fleet-local-enter", *procs, "--",
+            NSENTER, "-t", str(self.pid), "-m", "--", *argv,
+        ]  # fmt: skip
+        return os.posix_spawn(
+            "/bin/sh",
+            full,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+
     def cleanup(self) -> None:
         """Remove what the manager leaves behind: processes (killed if any remain), its cgroup
         directories (deepest first, as the kernel requires), its runtime dir and handle file.
@@ -265,8 +346,11 @@ class ManagerHandle:
             (self.state_dir / HANDLE_FILE).unlink()
 
 
-def start_manager(name: str, state_dir: Path, timeout: float = 10) -> ManagerHandle:
-    """Launch a detached user manager for machine `name` with its state in `state_dir`.
+def start_manager(
+    name: str, state_dir: Path, timeout: float = 10, journal: bool = True
+) -> ManagerHandle:
+    """Launch a detached user manager for machine `name` with its state in `state_dir`, with a
+    journald of its own when `journal` is set and this host has systemd-journald.
 
     Returns once the manager answers on its session bus with SystemState running or degraded.
     Raises ManagerError (after cleaning up) if it dies or is not ready within `timeout`.
@@ -307,11 +391,13 @@ def start_manager(name: str, state_dir: Path, timeout: float = 10) -> ManagerHan
             _kill_tree(top)
             _remove_cgroup_tree(top)
         top.mkdir()
+        (top / MANAGER_CGROUP).mkdir()
     shutil.rmtree(runtime_dir, ignore_errors=True)
     runtime_dir.mkdir(mode=0o700)
     os.chmod(runtime_dir, 0o700)  # mkdir's mode is filtered through the umask
     for sub in ("config", "data", "state", "cache"):
         (state_dir / sub).mkdir(exist_ok=True)
+    handle.journal = journal and _prepare_journal(state_dir)
 
     handle.pid = _spawn(handle)
     handle.save()
@@ -322,6 +408,24 @@ def start_manager(name: str, state_dir: Path, timeout: float = 10) -> ManagerHan
         handle.cleanup()
         raise
     return handle
+
+
+def _prepare_journal(state_dir: Path) -> bool:
+    """Files the machine's journald needs: its config, an empty directory to hide the host's
+    /var/log/journal, and the user unit that runs it (enabled for basic.target). False when this
+    host cannot run one (then units' output to the journal is lost, as without journald)."""
+    if not (Path(JOURNALD).exists() and JOURNALD_CONF_TARGET.exists()):
+        return False
+    (state_dir / "journal").mkdir(exist_ok=True)
+    (state_dir / "journald.conf").write_text(_JOURNALD_CONF)
+    units = state_dir / "config" / "systemd" / "user"
+    wants = units / "basic.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (units / JOURNAL_UNIT).write_text(_JOURNAL_UNIT_TEXT)
+    link = wants / JOURNAL_UNIT
+    if not link.is_symlink():
+        link.symlink_to(units / JOURNAL_UNIT)
+    return True
 
 
 def _manager_env(handle: ManagerHandle) -> dict[str, str]:
@@ -345,7 +449,9 @@ def _spawn(handle: ManagerHandle) -> int:
     argv = [
         UNSHARE, "--mount", "--propagation", "private", "--",
         "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch", SYSTEMD,
-        *(str(top / "cgroup.procs") for top in handle.cgroup_dirs()),
+        str(handle.state_dir / "journal") if handle.journal else "",
+        str(handle.state_dir / "journald.conf"),
+        *(str(top / MANAGER_CGROUP / "cgroup.procs") for top in handle.cgroup_dirs()),
     ]  # fmt: skip
     # posix_spawn rather than Popen: the manager outlives this call and maybe this process, and
     # a Popen object would complain when collected while its child still runs. unshare execs sh

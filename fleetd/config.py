@@ -42,6 +42,8 @@ class Config:
     hostname: str = ""
     # Seconds a machine ranked r-th waits, times r, before it bids for a unit (see planner).
     claim_stagger: float = 2.0
+    # HOST:PORT of the Prometheus /metrics and /health endpoint; empty: no endpoint.
+    metrics_address: str = ""
 
 
 def parse_metadata(value: Any, source: str) -> dict[str, str]:
@@ -112,7 +114,15 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where} {value!r} is not an IP address") from None
     if name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
         return value or None
+    if name == "metrics_address" and value:
+        _check_host_port(value, where)
     return value
+
+
+def _check_host_port(value: str, where: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where} {value!r} must be HOST:PORT, like 127.0.0.1:9100")
 
 
 _KEYS = {f.name for f in fields(Config)}

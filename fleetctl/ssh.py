@@ -179,9 +179,10 @@ class Ssh:
             "Are you sure you want to continue connecting (yes/no)? "
         )
         err.flush()
-        line = (self._stdin or sys.stdin).readline()
-        if not line.endswith("\n"):
-            err.write("\n")  # end of input: what follows must not trail the question
+        source = self._stdin or sys.stdin
+        line = source.readline()
+        if not source.isatty():
+            err.write("\n")  # nobody typed (and echoed) a newline: what follows gets its own line
         answer = line.strip().lower()
         if answer not in ("yes", "y"):
             raise SshError(f"host key of {pattern} not accepted: answer yes, or add it to {known}")

@@ -110,9 +110,16 @@ class Cluster:
         return proc
 
     def up(self) -> None:
-        out = self.lc("up", "--config", self.config, "--agent-ttl", str(int(AGENT_TTL))).stdout
-        self.endpoint = out.strip().splitlines()[-1].split("=", 1)[1]
-        self.env["FLEETCTL_ENDPOINT"] = self.endpoint
+        # --ssh-port 0: clusters of parallel runs share the machines' addresses, not a port.
+        out = self.lc(
+            "up", "--config", self.config, "--agent-ttl", str(int(AGENT_TTL)), "--ssh-port", "0"
+        ).stdout
+        # `up` prints what fleetctl needs (etcd endpoint, ssh user, port, key, known hosts).
+        for line in out.splitlines():
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if line.startswith("export ") and sep:
+                self.env[key] = value
+        self.endpoint = self.env["FLEETCTL_ENDPOINT"]
         self.refresh()
         self.baseline = list(self.ids)
 

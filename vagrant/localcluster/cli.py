@@ -77,6 +77,7 @@ class ClusterState:
     fast_elections: bool
     machines: list[MachineSpec]
     ssh_port: int = 22
+    metrics_port: int = 0  # 0: fleetd serves no metrics
 
     @classmethod
     def load(cls, dir: Path) -> ClusterState | None:
@@ -92,6 +93,7 @@ class ClusterState:
             etcd_members=int(raw["etcd_members"]),
             fast_elections=bool(raw["fast_elections"]),
             ssh_port=int(raw.get("ssh_port", 22)),
+            metrics_port=int(raw.get("metrics_port", 0)),
             machines=[
                 MachineSpec(m["name"], int(m["index"]), dict(m["metadata"]))
                 for m in raw["machines"]
@@ -104,6 +106,7 @@ class ClusterState:
             "etcd_members": self.etcd_members,
             "fast_elections": self.fast_elections,
             "ssh_port": self.ssh_port,
+            "metrics_port": self.metrics_port,
             "machines": [
                 {"name": m.name, "index": m.index, "metadata": m.metadata} for m in self.machines
             ],
@@ -194,6 +197,10 @@ class Machine:
         return f"127.0.0.{FIRST_HOST_OCTET + self.spec.index}"
 
     @property
+    def metrics_address(self) -> str:
+        return f"{self.ip}:{self.cluster.metrics_port}" if self.cluster.metrics_port else ""
+
+    @property
     def config_path(self) -> Path:
         return self.dir / "fleet.toml"
 
@@ -256,6 +263,11 @@ class Machine:
             f"agent_ttl = {self.cluster.agent_ttl:g}",
             f"units_directory = {_toml_string(str(units))}",
             "systemd_user = true",
+            *(
+                [f"metrics_address = {_toml_string(self.metrics_address)}"]
+                if self.cluster.metrics_port
+                else []
+            ),
             "",
             "[metadata]",
             *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in self.spec.metadata.items()),
@@ -489,9 +501,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             for name, metadata in machines:
                 state.add(name, metadata)
-            state.ssh_port = pick_port(
-                [Machine(state, spec).ip for spec in state.machines], args.ssh_port
-            )
+            ips = [Machine(state, spec).ip for spec in state.machines]
+            state.ssh_port = pick_port(ips, args.ssh_port)
+            # Every machine serves /metrics and /health on its address, on a port of this cluster.
+            state.metrics_port = pick_port(ips, 0) if args.metrics else 0
         else:
             if args.etcd_members and args.etcd_members != state.etcd_members:
                 raise UserError(
@@ -553,6 +566,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "machine_id": machine.machine_id,
                 "ip": machine.ip,
                 "metadata": spec.metadata,
+                "ssh": f"{machine.ip}:{state.ssh_port}",
+                "metrics": machine.metrics_address or None,
                 "fleetd": _word(machine.fleetd_running()),
                 "manager": _word(machine.manager_running()),
             }
@@ -784,6 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-ttl", type=float, help=f"fleetd agent TTL, seconds (default {DEFAULT_AGENT_TTL:g})"
     )
     up.add_argument("--etcd-members", type=int, choices=(1, 3), help="etcd members (default 1)")
+    up.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="fleetd serves no /metrics and /health (default: each on a free port of the cluster)",
+    )
     up.add_argument(
         "--ssh-port",
         type=_port,

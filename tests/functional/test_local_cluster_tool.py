@@ -264,7 +264,7 @@ def _cgroup_fragment(cluster_dir: Path) -> str:
     """The part of the machines' cgroup names that is unique to this cluster."""
     handle = json.loads((cluster_dir / "m" / "alpha" / "manager.json").read_text())
     name = str(handle["cgroup"])
-    return name.removesuffix("-alpha")
+    return name.removesuffix("-alpha.slice")
 
 
 def test_three_etcd_members_and_default_dir_from_environment(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
-from localcluster.manager import ManagerError, ManagerHandle, start_manager
+from localcluster.manager import NSENTER, ManagerError, ManagerHandle, start_manager
 from localcluster.sshd import Sshd, SshdError, generate_key, pick_port, write_known_hosts
 
 PROG = "local-cluster"
@@ -675,10 +675,11 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is not None:
         env["FLEETCTL_ENDPOINT"] = ",".join(etcd.endpoints)
-    try:
-        return subprocess.run(command, env=env, cwd=machine.dir, check=False).returncode
-    except FileNotFoundError as exc:
-        raise UserError(f"{command[0]}: command not found") from exc
+    if shutil.which(command[0], path=env.get("PATH")) is None:
+        raise UserError(f"{command[0]}: command not found")
+    # Inside the machine's mount namespace: its /run/systemd, journal and mounts, as over ssh.
+    inside = [NSENTER, "-t", str(handle.pid), "-m", f"--wd={machine.dir}", "--", *command]
+    return subprocess.run(inside, env=env, check=False).returncode
 
 
 def cmd_add(args: argparse.Namespace) -> int:

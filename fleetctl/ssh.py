@@ -299,11 +299,6 @@ class Ssh:
             time.sleep(0.02)
 
 
-def remote_command(argv: Sequence[str]) -> list[str]:
-    """A command as one remote shell command line, every word quoted."""
-    return [shlex.join(argv)]
-
-
 def _keygen(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ssh-keygen", *args], capture_output=True, text=True, check=False)
 

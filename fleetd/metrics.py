@@ -7,8 +7,9 @@ nothing, so the agent calls the same methods either way. `MetricsServer` serves
     GET /metrics   the Prometheus text format
     GET /health    200 {"ready": true, ...} or 503 {"ready": false, "reason": "..."}
 
-Health is derived from the same reports: an agent is ready once it joined the cluster, while it
-is not fenced or shutting down, its reconcile loop keeps turning and its last D-Bus call worked.
+Health: the agent hands over a function that says why it cannot run units now ("" when it can:
+joined, lease good, not fenced, not shutting down); on top of that the agent is not ready when its
+reconcile loop has stopped turning or its last D-Bus call failed.
 
 D-Bus calls are measured by wrapping the unit manager (`InstrumentedUnitManager`), so the agent
 needs no timing code around them.
@@ -42,17 +43,11 @@ STALL_AFTER = 30.0
 class Metrics:
     """What the agent reports. This base class records nothing (`NullMetrics`)."""
 
-    def joined(self) -> None:
-        """The machine is registered in the cluster."""
+    def health_source(self, why_not: Callable[[], str]) -> None:
+        """The agent's own verdict: "" when it may run units, else why not."""
 
-    def left(self, reason: str) -> None:
-        """The machine is no longer registered (lease lost, shutting down)."""
-
-    def fenced(self, reason: str) -> None:
-        """The agent stopped its units because it could not renew its lease."""
-
-    def unfenced(self) -> None:
-        """The lease held after all: the agent resumes."""
+    def fenced(self) -> None:
+        """The agent began stopping its units because its lease could not be renewed."""
 
     def loop_turned(self) -> None:
         """One round of the reconcile loop finished."""
@@ -88,9 +83,7 @@ class PrometheusMetrics(Metrics):
         self.registry = CollectorRegistry(auto_describe=True)
         self.clock = clock
         self._lock = threading.Lock()
-        self._joined = False
-        self._not_joined_reason = "not joined the cluster yet"
-        self._fenced = ""
+        self._why_not: Callable[[], str] = lambda: "the agent has not started"
         self._last_loop: float | None = None
         self._dbus_error = ""
         self._labels: dict[int, set[str]] = {}
@@ -138,27 +131,13 @@ class PrometheusMetrics(Metrics):
 
     # -- reports
 
-    def joined(self) -> None:
+    def health_source(self, why_not: Callable[[], str]) -> None:
         with self._lock:
-            self._joined = True
+            self._why_not = why_not
         self._update_ready()
 
-    def left(self, reason: str) -> None:
-        with self._lock:
-            self._joined = False
-            self._not_joined_reason = reason
-        self._update_ready()
-
-    def fenced(self, reason: str) -> None:
+    def fenced(self) -> None:
         self._fencing.inc()
-        with self._lock:
-            self._fenced = reason or "fenced"
-        self._update_ready()
-
-    def unfenced(self) -> None:
-        with self._lock:
-            self._fenced = ""
-        self._update_ready()
 
     def loop_turned(self) -> None:
         with self._lock:
@@ -201,10 +180,11 @@ class PrometheusMetrics(Metrics):
 
     def health(self) -> tuple[bool, str]:
         with self._lock:
-            if not self._joined:
-                return False, self._not_joined_reason
-            if self._fenced:
-                return False, self._fenced
+            why_not = self._why_not
+        reason = why_not()
+        if reason:
+            return False, reason
+        with self._lock:
             if self._last_loop is not None:
                 idle = self.clock() - self._last_loop
                 if idle > STALL_AFTER:

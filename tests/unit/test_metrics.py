@@ -68,7 +68,7 @@ def test_counters_and_histograms(metrics: PrometheusMetrics) -> None:
     metrics.planned(0.2)
     metrics.keepalive(0.004, ok=True)
     metrics.keepalive(3.0, ok=False)
-    metrics.fenced("no keep-alive")
+    metrics.fenced()
     assert value(metrics, "fleetd_claims_total", result="won") == 2
     assert value(metrics, "fleetd_claims_total", result="lost") == 1
     assert value(metrics, "fleetd_planning_seconds_count") == 2
@@ -93,16 +93,20 @@ def test_units_by_state_forget_nothing_they_counted(metrics: PrometheusMetrics) 
 
 
 def test_health_follows_the_agent(metrics: PrometheusMetrics, clock: Clock) -> None:
-    assert metrics.health() == (False, "not joined the cluster yet")
+    assert metrics.health() == (False, "the agent has not started")
     assert value(metrics, "fleetd_ready") == 0
-    metrics.joined()
+    verdict = ["not joined the cluster yet"]
+    metrics.health_source(lambda: verdict[0])
+    assert metrics.health() == (False, "not joined the cluster yet")
+    verdict[0] = ""
     metrics.loop_turned()
     assert metrics.health() == (True, "")
     assert value(metrics, "fleetd_ready") == 1
 
-    metrics.fenced("fenced: etcd unreachable")
-    assert metrics.health() == (False, "fenced: etcd unreachable")
-    metrics.unfenced()
+    verdict[0] = "fenced: the lease could not be renewed"
+    assert metrics.health() == (False, "fenced: the lease could not be renewed")
+    assert value(metrics, "fleetd_ready") == 0  # the exposition asks the agent each time
+    verdict[0] = ""
     assert metrics.health()[0]
 
     metrics.dbus_call("start", 0.01, ok=False)
@@ -117,13 +121,13 @@ def test_health_follows_the_agent(metrics: PrometheusMetrics, clock: Clock) -> N
     metrics.loop_turned()
     assert metrics.health()[0]
 
-    metrics.left("shutting down")
+    verdict[0] = "shutting down"
     assert metrics.health() == (False, "shutting down")
 
 
 def test_null_metrics_accept_every_report() -> None:
     null = NullMetrics()
-    null.joined()
+    null.health_source(lambda: "never asked")
     null.claim(True)
     null.dbus_call("start", 0.1, ok=False)
     null.units({"active": 1}, {})
@@ -176,8 +180,8 @@ def test_http_endpoint(server: MetricsServer, metrics: PrometheusMetrics) -> Non
 
     code, kind, body = get(server, "/health")
     assert (code, kind) == (503, "application/json")
-    assert json.loads(body) == {"ready": False, "reason": "not joined the cluster yet"}
-    metrics.joined()
+    assert json.loads(body) == {"ready": False, "reason": "the agent has not started"}
+    metrics.health_source(lambda: "")
     code, _, body = get(server, "/health")
     assert code == 200 and json.loads(body) == {"ready": True, "reason": ""}
 

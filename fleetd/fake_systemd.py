@@ -141,7 +141,10 @@ class FakeUnitManager:
         unit = self._get(name)
         if unit is None:
             raise SystemdError(f"systemd could not stop {name}: Unit {name} not loaded.")
-        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
+        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed; a second
+        # stop of a unit that is stopping already changes nothing.
+        if unit.active == "deactivating":
+            return
         if unit.active == "active" and unit.running_text is not None and name in self.slow_stop:
             unit.active, unit.sub = "deactivating", "stop-sigterm"
             return

@@ -148,13 +148,28 @@ class Agent:
             # A lease left by the previous run keeps its units alive (adopted if etcd still
             # holds it); without one, units still loaded belong to nobody we know of and are
             # stopped before we join (the fencer sees "no lease").
-            self.keeper.restore()
-            self.fencer.tick()
+            self.start_up()
             self._spawn("lease", self._lease_loop)
             self._spawn("fence", self._fence_loop)
             self._reconcile_loop()
         finally:
             self._shutdown()
+
+    def start_up(self) -> None:
+        self.keeper.restore()
+        self.fencer.tick()
+
+    def step(self) -> bool:
+        """One turn of the reconcile loop; True when a unit is still stopping. Deterministic
+        tests drive the agent with this, `keeper.tick()` and `fencer.tick()` and a fake clock."""
+        view = self.keeper.view()
+        if not view.registered:
+            return False
+        if view.lease_id != self._lease_seen:
+            self._joined(view)
+        if self.mirror.needs_sync:
+            self.mirror.sync()
+        return self.reconciler.round()
 
     def _spawn(self, name: str, loop: Callable[[], None]) -> None:
         threading.Thread(target=loop, name=f"{name}-{self.me[:8]}", daemon=True).start()
@@ -194,16 +209,11 @@ class Agent:
             self._progress()
             stopping_units = False
             try:
-                view = self.keeper.view()
-                if not view.registered:
+                if not self.keeper.view().registered:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                if view.lease_id != self._lease_seen:
-                    self._joined(view)
-                if self.mirror.needs_sync:
-                    self.mirror.sync()
-                stopping_units = self.reconciler.round()
+                stopping_units = self.step()
                 backoff = 0.5
             except Exception as exc:
                 if isinstance(exc, RegistryUnavailable | SystemdError):
@@ -261,6 +271,10 @@ class Agent:
         self._mode = mode or (ExitMode.DRAIN if leave else ExitMode.VANISH)
         self._stopping.set()
         self._wake.set()
+
+    def shutdown(self) -> None:
+        """The way out `stop()` chose; `run()` calls it, deterministic tests call it directly."""
+        self._shutdown()
 
     def _shutdown(self) -> None:
         self.mirror.close()

@@ -100,7 +100,8 @@ class Fencer:
         view = self.view()
         if view.may_run(now, self.margin):
             if self._fenced_at is not None:
-                log.info("lease renewed: units may run here again")
+                if self._reason.startswith("fenced"):
+                    log.info("lease renewed: units may run here again")
                 self._fenced_at = None
             return max(0.01, view.deadline - self.margin - now)
         if self._fenced_at is not None and view.deadline != self._deadline:

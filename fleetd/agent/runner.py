@@ -156,7 +156,10 @@ class Agent:
             self._shutdown()
 
     def start_up(self) -> None:
-        self.keeper.restore()
+        if self.keeper.restore():
+            # Re-attach before the fencer looks: the successor of a restart is usually close to
+            # the fencing point of the lease it inherits.
+            self.keeper.tick()
         self.fencer.tick()
 
     def step(self) -> bool:
@@ -284,6 +287,9 @@ class Agent:
             if mode is ExitMode.DRAIN:
                 self._drain()
             elif mode is ExitMode.RESTART:
+                # One last keep-alive: the successor gets a whole TTL (minus the margin) to
+                # come back and re-attach, counted from now.
+                self._guarded_step("lease", self.keeper.tick)
                 view = self.keeper.view()
                 log.info(
                     "exiting for a restart: units keep running; lease %s stays until a new "

@@ -443,9 +443,11 @@ def test_invalid_registry_entries_are_refused_once_and_never_stop_a_round(
     }
     for key, value in bad.items():
         cluster.registry.put_raw(key, value)
-    cluster.submit({"ok.service": unit("ok")})
+    # Names systemd accepts run, however unusual (a:b.service was once accepted and never run).
+    cluster.submit({"ok.service": unit("ok"), "a:b.service": unit("colon")})
     cluster.settle()
     assert cluster.running("ok.service") == {"a"}
+    assert cluster.running("a:b.service") == {"a"}
     refused = cluster.agents["a"].mirror.copy().refused
     assert set(refused) == {prefix + "unit/.x.service", prefix + "desired/.x.service", *bad}
     assert "must not start with '.'" in refused[prefix + "unit/.x.service"]

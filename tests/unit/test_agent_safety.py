@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import threading
@@ -495,3 +496,27 @@ def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
     with pytest.raises(RegistryUnavailable):
         cluster.registry.update_machine(Machine(a.me), lease)
     assert cluster.registry.snapshot().machines == {}
+
+
+def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Cluster) -> None:
+    """systemd's watchdog is pinged while the reconcile thread makes progress: a round that runs
+    many tasks must show progress task by task."""
+    a = cluster.add("a")
+    marks: list[float] = []
+    a.executor.progress = lambda: marks.append(cluster.clock())
+    manager = cluster.managers["a"]
+    real_start = manager.start
+
+    def slow_start(name: str) -> None:
+        cluster.clock.advance(1.0)  # each start takes a second of (fake) time
+        real_start(name)
+
+    manager.start = slow_start  # type: ignore[method-assign]
+    pin = f"MachineID={a.me}"
+    cluster.submit({f"p{i}.service": unit(f"p{i}", pin) for i in range(5)})
+    a.step()  # claims
+    marks.clear()
+    a.step()  # loads, one reload, five starts
+    assert len(marks) == 5 + 1 + 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
+    assert max(gaps) <= 1.0

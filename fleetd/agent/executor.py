@@ -98,7 +98,10 @@ class Executor:
         self._deferred = set()
         self.stop_reasons = {}
         for task in tasks:
-            if task.unit in failed or task.unit in self._deferred or self.waiting(task.unit):
+            if task.unit in failed or task.unit in self._deferred:
+                continue
+            if task.kind in (TaskKind.LOAD, TaskKind.START) and self.waiting(task.unit):
+                # Backoff delays bringing a failing unit up again, never taking one down.
                 continue
             if task.kind is TaskKind.START and "" in failed:
                 continue  # the daemon-reload failed: the manager may not see the new file

@@ -22,6 +22,7 @@ from fleetd.placement import Placement, View, claim_guards, plan_placements
 from fleetd.planner import plan_claims, plan_local, release_reasons
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
+from fleetd.unitfile import any_glob_match
 
 log = logging.getLogger("fleetd")
 
@@ -58,6 +59,17 @@ class PlanCache:
 
 
 shared_plans = PlanCache()
+
+
+def excludes(snap: Snapshot, a: str, b: str) -> bool:
+    """Whether units a and b may not run on one machine at the same time (either one's Conflicts
+    or Replaces matches the other)."""
+    for one, other in ((a, b), (b, a)):
+        record = snap.units.get(one)
+        req = record.requirements if record else None
+        if req is not None and any_glob_match((*req.conflicts, *req.replaces), other):
+            return True
+    return False
 
 
 def plan_window(snap: Snapshot) -> int:
@@ -146,7 +158,7 @@ class Reconciler:
         launched = {n for n in names if snap.desired_state(n) is DesiredState.LAUNCHED}
         started = self.executor.started(launched)
         tasks = plan_local(snap, self.me, view, loaded, states, started)
-        stopping = self.executor.run(tasks)
+        stopping = self.executor.run(tasks, lambda a, b: excludes(snap, a, b))
         # Read back what the tasks did, so published states are systemd's, not our intent.
         loaded = self.manager.loaded_units()
         self.executor.note_units(set(loaded) | mine)

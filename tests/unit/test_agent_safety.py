@@ -279,6 +279,9 @@ def test_replaced_unit_is_released_only_after_it_stopped(cluster: Cluster) -> No
     state = cluster.published("old.service", home)
     assert state is not None and state.active == "deactivating"
     assert "replaced by new.service" in state.reason
+    # The replacing unit waits too: the two never run side by side.
+    assert cluster.owner("new.service") == home
+    assert cluster.running("new.service") == set()
     cluster.settle()
     assert cluster.owner("old.service") == home
     # The stop completes (the unit's own stop timeout ran out): released, started elsewhere.

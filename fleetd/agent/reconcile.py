@@ -19,7 +19,7 @@ from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
 from fleetd.model import DesiredState
 from fleetd.placement import Placement, View, claim_guards, plan_placements
-from fleetd.planner import plan_claims, plan_local, release_reasons
+from fleetd.planner import TaskKind, plan_claims, plan_local
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import any_glob_match
@@ -150,7 +150,6 @@ class Reconciler:
     def _act(self, snap: Snapshot) -> bool:
         view = View(snap)
         loaded = self.manager.loaded_units()
-        reasons = release_reasons(snap, self.me, view)
         mine = {n for n, o in snap.owners.items() if o.machine_id == self.me}
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
@@ -158,11 +157,16 @@ class Reconciler:
         launched = {n for n in names if snap.desired_state(n) is DesiredState.LAUNCHED}
         started = self.executor.started(launched)
         tasks = plan_local(snap, self.me, view, loaded, states, started)
+        # Why each unit is taken down, published with its "deactivating" state.
+        reasons = {
+            t.unit: t.reason
+            for t in tasks
+            if t.kind in (TaskKind.STOP, TaskKind.UNLOAD, TaskKind.RELEASE)
+        }
         stopping = self.executor.run(tasks, lambda a, b: excludes(snap, a, b))
         # Read back what the tasks did, so published states are systemd's, not our intent.
         loaded = self.manager.loaded_units()
         self.executor.note_units(set(loaded) | mine)
         states = self.manager.states(loaded) if loaded else {}
-        reasons = {**self.executor.stop_reasons, **reasons}
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
         return stopping

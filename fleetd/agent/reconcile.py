@@ -129,14 +129,19 @@ class Reconciler:
         claimed = False
         for task in claim_plan.claims:
             desired = snap.desired.get(task.unit)
-            ok = self.registry.claim(
-                task.unit,
-                self.me,
-                view.lease_id,
-                snap.revision,
-                desired.revision if desired else 0,
-                claim_guards(snap, task.unit),
-            )
+            try:
+                ok = self.registry.claim(
+                    task.unit,
+                    self.me,
+                    view.lease_id,
+                    snap.revision,
+                    desired.revision if desired else 0,
+                    claim_guards(snap, task.unit),
+                )
+            except Exception as exc:
+                # One claim's failure must not keep this round from driving systemd.
+                log.warning("claim of %s failed: %s", task.unit, exc)
+                continue
             if ok:
                 claimed = True
                 log.info("claimed %s: %s", task.unit, task.reason)

@@ -17,6 +17,7 @@ from fleetd.agent.lease import LeaseView
 from fleetd.agent.mirror import Mirror
 from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
+from fleetd.errors import RegistryUnavailable
 from fleetd.model import DesiredState
 from fleetd.placement import Placement, View, claim_guards, plan_placements
 from fleetd.planner import TaskKind, plan_claims, plan_local
@@ -138,9 +139,13 @@ class Reconciler:
                     desired.revision if desired else 0,
                     claim_guards(snap, task.unit),
                 )
+            except RegistryUnavailable as exc:
+                # etcd is out of reach: the other claims would wait as long for nothing, but
+                # this round still drives systemd.
+                log.warning("claims stopped at %s: %s", task.unit, exc)
+                break
             except Exception as exc:
-                # One claim's failure must not keep this round from driving systemd.
-                log.warning("claim of %s failed: %s", task.unit, exc)
+                log.exception("claim of %s failed: %s", task.unit, exc)
                 continue
             if ok:
                 claimed = True

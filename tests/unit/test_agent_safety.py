@@ -355,8 +355,16 @@ def test_successor_within_the_lease_adopts_the_units_without_restarting_them(
             _real(name)
 
         setattr(manager, method, record)
+    seen: list[str] = []
+    cancel = cluster.registry.watch(
+        cluster.registry.snapshot().revision + 1,
+        lambda batch: seen.extend(e.key for e in batch) if isinstance(batch, list) else None,
+    )
     successor = cluster.add("a")
+    cancel()
     assert successor.lease().lease_id == lease
+    # The machine announces itself again (a new version may have come with the restart).
+    assert cluster.registry.layout.machine(a.me) in seen
     cluster.settle()
     assert calls == []
     assert manager.main_pids(names) == pids

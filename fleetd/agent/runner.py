@@ -160,6 +160,8 @@ class Agent:
             # Re-attach before the fencer looks: the successor of a restart is usually close to
             # the fencing point of the lease it inherits.
             self.keeper.tick()
+        else:
+            self.fencer.take_down_leftovers()
         self.fencer.tick()
 
     def step(self) -> bool:

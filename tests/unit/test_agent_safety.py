@@ -564,3 +564,16 @@ def test_a_lease_file_of_another_machine_or_boot_is_not_adopted(cluster: Cluster
         assert not cluster.add("a", join=False).keeper.restore()
     path.write_text("not json")
     assert not cluster.add("a", join=False).keeper.restore()
+
+
+def test_a_failed_first_read_of_the_registry_is_read_again(cluster: Cluster) -> None:
+    a = cluster.add("a", join=False)
+    a.start_up()
+    a.keeper.tick()
+    cluster.registry.unavailable = True
+    with pytest.raises(RegistryUnavailable):
+        a.step()
+    cluster.registry.unavailable = False
+    cluster.submit({"u.service": unit()})
+    cluster.settle()
+    assert cluster.running("u.service") == {"a"}

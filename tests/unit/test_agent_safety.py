@@ -577,3 +577,4 @@ def test_a_failed_first_read_of_the_registry_is_read_again(cluster: Cluster) -> 
     cluster.submit({"u.service": unit()})
     cluster.settle()
     assert cluster.running("u.service") == {"a"}
+    assert list(cluster.managers["a"].guards) == ["fleet-guard-616161616161.service"]

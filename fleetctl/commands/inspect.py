@@ -37,6 +37,8 @@ def status(
     snapshot = registry(ctx).snapshot()
     records = existing_records(snapshot, names)
     output.table("\n".join(output.status_block(snapshot, record) for record in records))
+    for message in output.refused_messages(snapshot, names):
+        output.warn(message)
     if registry_only:
         return
     connection = None

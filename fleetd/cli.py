@@ -41,6 +41,8 @@ def build_agent(config: Config) -> Agent:
     # Adapters are imported here so that `fleetd --help` and config errors do not need D-Bus.
     from fleetd.agent import Agent
     from fleetd.agent.lease import LeaseFile
+    from fleetd.metrics import InstrumentedUnitManager, Metrics, MetricsServer, PrometheusMetrics
+    from fleetd.ports import UnitManager
     from fleetd.registry import EtcdRegistry
     from fleetd.sdnotify import Notifier
     from fleetd.systemd import DbusUnitManager
@@ -53,9 +55,16 @@ def build_agent(config: Config) -> Agent:
         cert_file=config.etcd_certfile,
         key_file=config.etcd_keyfile,
     )
-    manager = DbusUnitManager(
+    manager: UnitManager = DbusUnitManager(
         Path(config.units_directory), user=config.systemd_user, timeout=config.systemd_timeout
     )
+    metrics = Metrics()
+    if config.metrics_address:
+        prometheus = PrometheusMetrics(config.machine_id, __version__)
+        # Serves from a daemon thread for the life of the process.
+        MetricsServer(config.metrics_address, prometheus)
+        manager = InstrumentedUnitManager(manager, prometheus)
+        metrics = prometheus
     lease_path = Path(config.runtime_dir) / LEASE_FILE
     guard = [
         sys.executable, "-m", "fleetd.guard",
@@ -73,6 +82,7 @@ def build_agent(config: Config) -> Agent:
         notifier=Notifier.from_environ(os.environ),
         lease_file=LeaseFile(lease_path),
         guard_argv=guard,
+        metrics=metrics,
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -249,17 +249,25 @@ class InstrumentedUnitManager:
         with self._measure("unload"):
             self.inner.unload(name)
 
+    def kill(self, name: str) -> None:
+        with self._measure("kill"):
+            self.inner.kill(name)
+
     def loaded_units(self) -> dict[str, str]:
-        # Reads the units directory only; no D-Bus call to measure.
-        return self.inner.loaded_units()
+        with self._measure("loaded_units"):
+            return self.inner.loaded_units()
 
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
         with self._measure("states"):
             return self.inner.states(names)
 
-    def __getattr__(self, name: str) -> Any:
-        # Anything else the adapter offers (close, ...) passes through unmeasured.
-        return getattr(self.inner, name)
+    def main_pids(self, names: Iterable[str]) -> dict[str, int]:
+        with self._measure("main_pids"):
+            return self.inner.main_pids(names)
+
+    def start_guard(self, name: str, argv: Sequence[str]) -> None:
+        with self._measure("start_guard"):
+            self.inner.start_guard(name, argv)
 
 
 # ---------------------------------------------------------------------------------- server

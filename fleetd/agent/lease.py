@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
+from fleetd.metrics import Metrics
 from fleetd.model import Machine
 from fleetd.ports import Registry
 
@@ -130,8 +131,10 @@ class LeaseKeeper:
         machine: Callable[[], Machine],
         lease_file: LeaseFile | None = None,
         on_change: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics or Metrics()
         self.ttl = ttl
         self.margin = margin
         self.clock = clock
@@ -180,7 +183,12 @@ class LeaseKeeper:
                 self._set(view)
             else:
                 sent = self.clock()
-                remaining = self.registry.keepalive(view.lease_id)
+                try:
+                    remaining = self.registry.keepalive(view.lease_id)
+                except RegistryUnavailable:
+                    self.metrics.keepalive(self.clock() - sent, ok=False)
+                    raise
+                self.metrics.keepalive(self.clock() - sent, ok=True)
                 if remaining <= 0:
                     log.error("lease %x expired: this machine's units lost their owner; "
                               "joining again with a new lease", view.lease_id)

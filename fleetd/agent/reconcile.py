@@ -18,6 +18,7 @@ from fleetd.agent.mirror import Mirror
 from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
+from fleetd.metrics import Metrics, count_by
 from fleetd.model import DesiredState
 from fleetd.placement import Placement, View, claim_guards, plan_placements
 from fleetd.planner import TaskKind, plan_claims, plan_local
@@ -93,8 +94,10 @@ class Reconciler:
         clock: Clock,
         stagger: Callable[[], float],
         wake: Callable[[], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.me = me
+        self.metrics = metrics or Metrics()
         self.registry = registry
         self.manager = manager
         self.mirror = mirror
@@ -120,9 +123,15 @@ class Reconciler:
     def _claim(self, snap: Snapshot, view: LeaseView) -> None:
         assert view.lease_id is not None
         now = self.clock()
+
+        def plan() -> Mapping[str, Placement]:
+            began = self.clock()
+            placements = plan_placements(snap, limit=plan_window(snap))
+            self.metrics.planned(self.clock() - began)
+            return placements
+
         placements = shared_plans(
-            (tuple(self.registry.endpoints), self.registry.layout.prefix, snap.revision),
-            lambda: plan_placements(snap, limit=plan_window(snap)),
+            (tuple(self.registry.endpoints), self.registry.layout.prefix, snap.revision), plan
         )
         claim_plan = plan_claims(placements, self.me, self._first_seen, now, self.stagger())
         self._first_seen = dict(claim_plan.first_seen)
@@ -147,6 +156,7 @@ class Reconciler:
             except Exception as exc:
                 log.exception("claim of %s failed: %s", task.unit, exc)
                 continue
+            self.metrics.claim(won=ok)
             if ok:
                 claimed = True
                 log.info("claimed %s: %s", task.unit, task.reason)
@@ -179,4 +189,8 @@ class Reconciler:
         self.executor.note_units(set(loaded) | mine)
         states = self.manager.states(loaded) if loaded else {}
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
+        self.metrics.units(
+            count_by(s.active for s in states.values()),
+            count_by(snap.desired_state(n).value for n in snap.units),
+        )
         return stopping

@@ -35,6 +35,7 @@ from fleetd.agent.reconcile import Reconciler
 from fleetd.clock import Clock
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
+from fleetd.metrics import Metrics
 from fleetd.model import Machine
 from fleetd.ports import Registry, UnitManager
 from fleetd.sdnotify import Notifier
@@ -69,8 +70,10 @@ class Agent:
         lease_file: LeaseFile | None = None,
         guard_argv: Sequence[str] | None = None,
         settle: float = 0.3,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.registry = registry
         self.manager = manager
         self.clock = clock
@@ -91,7 +94,7 @@ class Agent:
 
         self.keeper = LeaseKeeper(
             registry, config.agent_ttl, self.margin, clock, self.machine, lease_file,
-            on_change=self._lease_changed,
+            on_change=self._lease_changed, metrics=self.metrics,
         )
         self.mirror = Mirror(registry, self._wake.set)
         self.fencer = Fencer(
@@ -111,8 +114,9 @@ class Agent:
         self.reconciler = Reconciler(
             self.me, registry, manager, self.mirror, self.executor, self.publisher,
             self.keeper.view, self.margin, clock, lambda: self.config.claim_stagger,
-            self._wake.set,
+            self._wake.set, metrics=self.metrics,
         )
+        self.metrics.health_source(self._why_not_ready)
 
     # ------------------------------------------------------------------------------ identity
 
@@ -196,7 +200,10 @@ class Agent:
         ping_every = (self.notifier.watchdog_interval or 0) / 2
         last_ping = 0.0
         while not self._done.is_set():
+            epoch = self.fencer.epoch
             pause = min(0.5, self._guarded_step("fence", self.fencer.tick))
+            if self.fencer.epoch != epoch and self.keeper.view().lease_id is not None:
+                self.metrics.fenced()  # a lease in doubt, not units left by an earlier run
             now = self.clock()
             if ping_every:
                 # Ping only while the reconcile thread makes progress: a thread stuck for the
@@ -260,6 +267,20 @@ class Agent:
 
     def _progress(self) -> None:
         self._progress_at = self.clock()
+        self.metrics.loop_turned()
+
+    def _why_not_ready(self) -> str:
+        """For /health: "" while this agent may run units, else why not."""
+        if self._stopping.is_set():
+            return "shutting down"
+        view = self.keeper.view()
+        if not view.registered:
+            return "not joined the cluster: no registered lease"
+        if self.fencer.fenced:
+            return "fenced: the lease could not be renewed and may expire; units are stopped"
+        if view.lease_id != self._lease_seen:
+            return "joining: reading the registry"
+        return ""
 
     def _fence_units(self) -> set[str]:
         names = set(self.executor.known_units)

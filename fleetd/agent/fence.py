@@ -76,8 +76,10 @@ class Fencer:
         units: Callable[[], Iterable[str]],
         margin: float,
         clock: Clock,
+        on_fence: Callable[[], None] = lambda: None,
     ) -> None:
         self.manager = manager
+        self.on_fence = on_fence  # each fencing of a lease in doubt (for the metrics)
         self.view = view
         self.units = units
         self.margin = margin
@@ -151,6 +153,7 @@ class Fencer:
             else:
                 self._reason = "fenced: the lease could not be renewed and may expire"
                 log.error("%s; stopping every unit here", self._reason)
+                self.on_fence()
         if now < self._next_pass or self._clear:
             return self.RETRY
         self._next_pass = now + self.RETRY

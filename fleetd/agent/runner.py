@@ -98,7 +98,8 @@ class Agent:
         )
         self.mirror = Mirror(registry, self._wake.set)
         self.fencer = Fencer(
-            manager, self.keeper.view, self._fence_units, self.margin, clock
+            manager, self.keeper.view, self._fence_units, self.margin, clock,
+            on_fence=self.metrics.fenced,
         )
         self.executor = Executor(
             manager,
@@ -200,10 +201,7 @@ class Agent:
         ping_every = (self.notifier.watchdog_interval or 0) / 2
         last_ping = 0.0
         while not self._done.is_set():
-            epoch = self.fencer.epoch
             pause = min(0.5, self._guarded_step("fence", self.fencer.tick))
-            if self.fencer.epoch != epoch and self.keeper.view().lease_id is not None:
-                self.metrics.fenced()  # a lease in doubt, not units left by an earlier run
             now = self.clock()
             if ping_every:
                 # Ping only while the reconcile thread makes progress: a thread stuck for the
@@ -276,7 +274,7 @@ class Agent:
         view = self.keeper.view()
         if not view.registered:
             return "not joined the cluster: no registered lease"
-        if self.fencer.fenced:
+        if not view.may_run(self.clock(), self.margin):
             return "fenced: the lease could not be renewed and may expire; units are stopped"
         if view.lease_id != self._lease_seen:
             return "joining: reading the registry"

@@ -172,7 +172,14 @@ def test_second_agent_with_the_same_machine_id_refuses(fleet: Cluster, tmp_path:
     other_units = tmp_path / "dup-units"
     other_units.mkdir()
     copy = tmp_path / "dup.toml"
-    copy.write_text(config.replace(own_units, str(other_units)))
+    # Not the metrics address: that port is taken by the machine's own fleetd.
+    copy.write_text(
+        "".join(
+            line
+            for line in config.replace(own_units, str(other_units)).splitlines(keepends=True)
+            if not line.startswith("metrics_address")
+        )
+    )
     log = tmp_path / "dup.log"
     with log.open("w") as stderr:
         dup = subprocess.Popen(

@@ -9,9 +9,10 @@ connection is `fleetctl.ssh` with the global ssh options.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -46,12 +47,6 @@ SshPort = Annotated[
         help="Connect to machines over SSH on this TCP port.",
     ),
 ]
-
-
-@dataclass(frozen=True)
-class Target:
-    machine: Machine
-    why: str  # how the argument was resolved, for messages
 
 
 def find_machine(snapshot: Snapshot, lookup: str) -> Machine:
@@ -108,11 +103,8 @@ def _as_unit(lookup: str) -> str | None:
 def resolve(snapshot: Snapshot, lookup: str) -> Machine:
     """fleet's rule: the argument may be a machine or a unit; both at once is ambiguous."""
     machine: Machine | None = None
-    machine_error: FleetError | None = None
-    try:
+    with contextlib.suppress(MachineNotFound):
         machine = find_machine(snapshot, lookup)
-    except MachineNotFound as exc:
-        machine_error = exc
     unit = _as_unit(lookup)
     if unit is not None and unit in snapshot.units:
         if machine is not None:
@@ -122,7 +114,6 @@ def resolve(snapshot: Snapshot, lookup: str) -> Machine:
             )
         return machine_of_unit(snapshot, unit)
     if machine is None:
-        assert machine_error is not None
         raise MachineNotFound(
             f"no machine or unit {lookup!r} in the cluster: see `fleetctl list-machines --full` "
             "and `fleetctl list-units`"

@@ -26,7 +26,7 @@ sequences that this planner always returns exactly what `plan_placements` return
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fleetd.keys import Kind
@@ -106,6 +106,8 @@ class IncrementalPlanner:
         self._pending_set = set(self._pending)
         reqs = self.view.requirements
         self._followers = {n for n in self._pending if n in reqs and _has_peers(reqs[n])}
+        # Every unit some rule follows (a superset is safe: it only costs precision).
+        self._followed = {p for r in reqs.values() for p in _peers(r)}
         self._globals = {n for n, r in self.view.requirements.items() if r.global_}
         self._cache: dict[str, _Entry] = {}
         self._last = _Pass()
@@ -140,6 +142,18 @@ class IncrementalPlanner:
             if view.globals_on != globals_before:
                 self._cache.clear()
 
+    def _anonymous(self, name: str) -> bool:
+        """No rule can tell this unit from another of its template group: nobody declares
+        patterns and nobody follows it."""
+        view = self.view
+        return not (
+            view.conflictors
+            or view.replacers
+            or view.zone_conflictors
+            or view.region_conflictors
+            or name in self._followed
+        )
+
     def _located(self, snapshot: Snapshot, name: str) -> tuple[str, int] | None:
         """Where the registry says a unit runs, as the view counts it."""
         owner = snapshot.owners.get(name)
@@ -172,6 +186,8 @@ class IncrementalPlanner:
             self._base_before[name] = view.location.get(name)
         view.remove(name)
         view.set_requirements(name, req)
+        if req is not None:
+            self._followed.update(_peers(req))
         target = self._located(snapshot, name)
         if target is not None:
             view.place(name, target[0], target[1])
@@ -213,7 +229,7 @@ class IncrementalPlanner:
         """The same plan as `plan_placements(snapshot, limit=limit)` for the latest snapshot."""
         view = self.view
         last = self._last
-        diff = _Diff(view, self._touched)
+        diff = _Diff(view, self._touched, self._anonymous)
         for name, before in self._base_before.items():
             diff.old_over[name] = before
             diff.refresh(name)
@@ -274,11 +290,12 @@ class IncrementalPlanner:
         dirty = self._dirty(unit, req, diff)
         if dirty is None:
             return self._full(unit, req)
-        if not dirty:
+        recheck, rescore = dirty
+        if not recheck and not rescore:
             return entry.placement, entry
         machines = view.machines
         keys, scores, verdicts = entry.keys, entry.scores, entry.verdicts
-        for m in dirty:
+        for m in recheck:
             old = scores.pop(m, None)
             if old is not None:
                 del keys[bisect.bisect_left(keys, (old, m))]
@@ -288,6 +305,15 @@ class IncrementalPlanner:
             if verdict.ok:
                 scores[m] = score(unit, req, machines[m], view)
                 bisect.insort(keys, (scores[m], m))
+        for m in rescore - recheck:
+            old = scores.get(m)
+            if old is None:
+                continue  # refused: only a check could change that, and none is due
+            new = score(unit, req, machines[m], view)
+            if new != old:
+                del keys[bisect.bisect_left(keys, (old, m))]
+                scores[m] = new
+                bisect.insort(keys, (new, m))
         placement = Placement(
             unit,
             tuple(m for _, m in keys),
@@ -313,10 +339,15 @@ class IncrementalPlanner:
         placement = Placement(unit, tuple(m for _, m in keys), refusals)
         return placement, _Entry(verdicts, scores, keys, placement)
 
-    def _dirty(self, unit: str, req: Requirements, diff: _Diff) -> set[str] | None:
-        """Machines whose verdict or score for `unit` may differ from last time; None: all."""
-        if not diff.entries:
-            return set()
+    def _dirty(
+        self, unit: str, req: Requirements, diff: _Diff
+    ) -> tuple[set[str], set[str]] | None:
+        """Machines whose verdict for `unit` may differ from last time, and machines where only
+        its score may (the spread counts of its template group); None: every machine."""
+        recheck: set[str] = set()
+        rescore: set[str] = set()
+        if not diff.entries and not diff.load and not diff.groups:
+            return recheck, rescore
         view = self.view
         peers = _peers(req)
         group = template_group(unit)
@@ -325,7 +356,6 @@ class IncrementalPlanner:
         zone_spread = req.spread in (Spread.ZONE, Spread.REGION)
         region_spread = req.spread is Spread.REGION
         replacer = unit in view.replacers
-        dirty: set[str] = set()
         for other, (before, now) in diff.entries.items():
             if other in peers:
                 return None
@@ -333,28 +363,66 @@ class IncrementalPlanner:
             if replacer and (touched or other in view.replacers):
                 return None
             same_group = group is not None and template_group(other) == group
-            zone = (
-                touched
-                or zone_rules
-                or other in view.zone_conflictors
-                or (same_group and zone_spread)
-            )
-            region = (
-                touched
-                or region_rules
-                or other in view.region_conflictors
-                or (same_group and region_spread)
-            )
+            zone = touched or zone_rules or other in view.zone_conflictors
+            region = touched or region_rules or other in view.region_conflictors
             for m in (before, now):
                 if m is None or m not in self._machine_levels:
                     continue
-                dirty.add(m)
+                recheck.add(m)
                 level = self._machine_levels[m]
-                if zone and level.zone is not None:
-                    dirty.update(self._in_zone[level.zone])
-                if region and level.region is not None:
-                    dirty.update(self._in_region[level.region])
-        return dirty
+                if level.zone is not None:
+                    if zone:
+                        recheck.update(self._in_zone[level.zone])
+                    elif same_group and zone_spread:
+                        rescore.update(self._in_zone[level.zone])
+                if level.region is not None:
+                    if region:
+                        recheck.update(self._in_region[level.region])
+                    elif same_group and region_spread:
+                        rescore.update(self._in_region[level.region])
+        if diff.load or diff.groups:
+            self._counted_dirty(req, group, diff, recheck, rescore)
+        return recheck, rescore
+
+    def _counted_dirty(
+        self,
+        req: Requirements,
+        group: str | None,
+        diff: _Diff,
+        recheck: set[str],
+        rescore: set[str],
+    ) -> None:
+        """Machines where the counts of interchangeable units differ: a unit's load score reads
+        the machine's count, its limits and spread read its own group's count on the machine,
+        in the zone and in the region."""
+        limited = (
+            req.max_per_machine is not None
+            or req.max_per_zone is not None
+            or req.max_per_region is not None
+        )
+        into = recheck if limited else rescore
+        into.update(m for m in diff.load if m in self._machine_levels)
+        if group is None:
+            return
+        zones: dict[str, int] = {}
+        regions: dict[str, int] = {}
+        for (m, g), step in diff.groups.items():
+            level = self._machine_levels.get(m)
+            if g != group or level is None:
+                continue
+            into.add(m)
+            if level.zone is not None:
+                zones[level.zone] = zones.get(level.zone, 0) + step
+            if level.region is not None:
+                regions[level.region] = regions.get(level.region, 0) + step
+        zone_reads = req.max_per_zone is not None or req.spread in (Spread.ZONE, Spread.REGION)
+        region_reads = req.max_per_region is not None or req.spread is Spread.REGION
+        for zone, step in zones.items():
+            if step and zone_reads:
+                into.update(self._in_zone[zone])
+        for region, step in regions.items():
+            if step and region_reads:
+                into.update(self._in_region[region])
 
 
 def _has_peers(req: Requirements) -> bool:
@@ -362,15 +430,26 @@ def _has_peers(req: Requirements) -> bool:
 
 
 class _Diff:
-    """Units whose location differs between the state a unit saw in the previous pass and the
-    state it sees in this one (or whose content changed, wherever they are)."""
+    """How the state a unit saw in the previous pass differs from the state it sees in this one.
 
-    def __init__(self, view: View, touched: set[str]) -> None:
+    Units that a rule can name (some unit declares patterns, follows them, or their content
+    changed) are kept by name: where they were, where they are. The others are interchangeable
+    for every check and score, so only their counts are kept, per machine and template group:
+    when two such units swap machines between the passes (the usual ripple of a load-balanced
+    plan), the counts cancel and nothing is dirty.
+    """
+
+    def __init__(self, view: View, touched: set[str], anonymous: Callable[[str], bool]) -> None:
         self.view = view
         self.touched = touched
+        self.anonymous = anonymous
         self.old_over: dict[str, str | None] = {}  # location in the old state, where not base
         self.new_decisions: set[str] = set()
-        self.entries: dict[str, tuple[str | None, str | None]] = {}
+        self.entries: dict[str, tuple[str | None, str | None]] = {}  # named units
+        self._counted: dict[str, tuple[str | None, str | None]] = {}  # the others
+        # new minus old count: per machine, per (machine, group)
+        self.load: dict[str, int] = {}
+        self.groups: dict[tuple[str, str | None], int] = {}
 
     def old_location(self, name: str) -> str | None:
         if name in self.old_over:
@@ -381,10 +460,36 @@ class _Diff:
     def refresh(self, name: str) -> None:
         before = self.old_location(name)
         now = self.view.location.get(name)
-        if before != now or name in self.touched:
-            self.entries[name] = (before, now)
-        else:
-            self.entries.pop(name, None)
+        differs = before != now
+        if name in self.touched or not self.anonymous(name):
+            if differs or name in self.touched:
+                self.entries[name] = (before, now)
+            else:
+                self.entries.pop(name, None)
+            return
+        previous = self._counted.pop(name, None)
+        if previous is not None:
+            self._count(name, previous, -1)
+        if differs:
+            self._counted[name] = (before, now)
+            self._count(name, (before, now), 1)
+
+    def _count(self, name: str, where: tuple[str | None, str | None], sign: int) -> None:
+        group = template_group(name)
+        for machine, step in ((where[0], -sign), (where[1], sign)):
+            if machine is None:
+                continue
+            left = self.load.get(machine, 0) + step
+            if left:
+                self.load[machine] = left
+            else:
+                self.load.pop(machine, None)
+            key = (machine, group)
+            left = self.groups.get(key, 0) + step
+            if left:
+                self.groups[key] = left
+            else:
+                self.groups.pop(key, None)
 
     def old_passes(self, name: str, decision: dict[str, str]) -> None:
         """The replay of the previous pass moves past `name`: its old decision now counts."""

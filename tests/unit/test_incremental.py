@@ -56,6 +56,19 @@ RULES = [
     "MachineOf=follow.service",
     "[broken",
 ]
+# Rules that name no other unit: every unit is then interchangeable with the others of its
+# template group, which the planner tracks by counts alone.
+PLAIN_RULES = [
+    "",
+    "",
+    "MaxPerMachine=1",
+    "MaxPerZone=2",
+    "MaxPerRegion=3",
+    "Spread=machine",
+    "Spread=region",
+    "Spread=none",
+    "MachineMetadata=disk=ssd",
+]
 MACHINES = ["m0", "m1", "m2", "m3", "m4"]
 # Mostly shared zones and regions: zone-level rules and spread then see each other's units.
 METADATA = [
@@ -75,9 +88,11 @@ def body(rule: str) -> str:
 
 
 claims = st.tuples(st.just("claim"), st.integers(0, 5), st.integers(0, 2))
+plain_units = st.tuples(st.just("unit"), st.sampled_from(NAMES), st.sampled_from(PLAIN_RULES))
 events = st.one_of(
     claims,
     claims,
+    plain_units,
     st.tuples(st.just("unit"), st.sampled_from(NAMES), st.sampled_from(RULES)),
     st.tuples(st.just("destroy"), st.sampled_from(NAMES)),
     st.tuples(st.just("desired"), st.sampled_from(NAMES), st.sampled_from(list(DesiredState))),
@@ -181,7 +196,7 @@ class World:
         max_size=5,
     ),
     units=st.lists(
-        st.tuples(st.sampled_from(NAMES), st.sampled_from(RULES)), min_size=4, max_size=14
+        st.tuples(st.sampled_from(NAMES), st.sampled_from(PLAIN_RULES)), min_size=4, max_size=14
     ),
     script=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=40),
     limit=st.one_of(st.none(), st.integers(1, 4)),

@@ -564,7 +564,10 @@ SCORERS: tuple[Scorer, ...] = (score_move, score_replaces, score_spread, score_t
 
 def score(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
     """Every scorer's terms in order: machines sort by this, then by id."""
-    return tuple(s for scorer in SCORERS for s in scorer(unit, req, machine, view))
+    terms: Score = ()
+    for scorer in SCORERS:
+        terms += scorer(unit, req, machine, view)
+    return terms
 
 
 def rank(unit: str, req: Requirements, machines: Iterable[Machine], view: View) -> list[str]:

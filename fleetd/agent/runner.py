@@ -69,6 +69,7 @@ class Agent:
         lease_file: LeaseFile | None = None,
         guard_argv: Sequence[str] | None = None,
         settle: float = 0.3,
+        mirror: Mirror | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -93,7 +94,10 @@ class Agent:
             registry, config.agent_ttl, self.margin, clock, self.machine, lease_file,
             on_change=self._lease_changed,
         )
-        self.mirror = Mirror(registry, self._wake.set)
+        # A simulator may also share one mirror (watch, snapshot, planner) among its agents.
+        self.mirror = (
+            mirror.share(self._wake.set) if mirror is not None else Mirror(registry, self._wake.set)
+        )
         self.fencer = Fencer(
             manager, self.keeper.view, self._fence_units, self.margin, clock
         )

@@ -63,30 +63,39 @@ class Wanted:
 @dataclass(frozen=True)
 class ClaimPlan:
     claims: tuple[Task, ...]
-    first_seen: Mapping[str, float]  # unit -> when this agent first saw it pending
+    # unit -> (its favourite machine, since when this agent has seen that favourite)
+    first_seen: Mapping[str, tuple[str, float]]
     next_wake: float | None  # when a staggered bid falls due
 
 
 def plan_claims(
     placements: Mapping[str, Placement],
     me: str,
-    first_seen: Mapping[str, float],
+    first_seen: Mapping[str, tuple[str, float]],
     now: float,
     step: float,
 ) -> ClaimPlan:
-    seen = {u: first_seen.get(u, now) for u in placements}
+    """The machine ranked r-th bids once the same favourite has held the unit for r steps
+    without claiming it. The clock restarts when the favourite changes: while claims land the
+    plan shifts, and a machine that just became favourite is not a slow one."""
+    seen: dict[str, tuple[str, float]] = {}
+    for unit, placement in placements.items():
+        top = placement.ranked[0] if placement.ranked else ""
+        known = first_seen.get(unit)
+        seen[unit] = known if known is not None and known[0] == top else (top, now)
     claims: list[Task] = []
     next_wake: float | None = None
     for unit, placement in placements.items():
         if me not in placement.ranked:
             continue
         rank = placement.ranked.index(me)
-        due = seen[unit] + rank * step
+        since = seen[unit][1]
+        due = since + rank * step
         if now >= due:
             reason = (
                 "ranked first for placement"
                 if rank == 0
-                else f"ranked {rank + 1}; nobody better claimed it in {now - seen[unit]:.1f}s"
+                else f"ranked {rank + 1}; nobody better claimed it in {now - since:.1f}s"
             )
             claims.append(Task(TaskKind.CLAIM, unit, reason))
         else:

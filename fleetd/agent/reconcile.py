@@ -74,7 +74,7 @@ class Reconciler:
         self.clock = clock
         self.stagger = stagger
         self.wake = wake
-        self._first_seen: dict[str, float] = {}
+        self._first_seen: dict[str, tuple[str, float]] = {}
         self.next_wake: float | None = None
 
     def round(self) -> bool:

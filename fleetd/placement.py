@@ -94,9 +94,15 @@ class View:
         self.conflictors_on: dict[str, set[str]] = {}
         self._sorted: dict[tuple[str, str], list[str]] = {}
         self.index_rules()
+        # The registry's owner keys by machine (sorted names), whatever the unit or machine:
+        # an agent looks at its own units without scanning everyone's.
+        self.owned_by: dict[str, list[str]] = {}
         for name, owner in snapshot.owners.items():
+            self.owned_by.setdefault(owner.machine_id, []).append(name)
             if owner.machine_id in self.machines and name in self.requirements:
                 self._put(name, owner.machine_id, owner.revision)
+        for names in self.owned_by.values():
+            names.sort()
         self.globals_on: dict[str, list[str]] = {}
         self._compute_globals()
 

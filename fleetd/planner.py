@@ -68,6 +68,12 @@ class ClaimPlan:
     next_wake: float | None  # when a staggered bid falls due
 
 
+# Only the machines ranked this high bid for a unit: deeper ones would wait BID_DEPTH stagger
+# steps, by when the plan has changed (a dead machine leaves it with its lease). It also keeps
+# a round's cost independent of the number of machines.
+BID_DEPTH = 8
+
+
 def plan_claims(
     placements: Mapping[str, Placement],
     me: str,
@@ -86,9 +92,10 @@ def plan_claims(
     claims: list[Task] = []
     next_wake: float | None = None
     for unit, placement in placements.items():
-        if me not in placement.ranked:
+        bidders = placement.ranked[:BID_DEPTH]
+        if me not in bidders:
             continue
-        rank = placement.ranked.index(me)
+        rank = bidders.index(me)
         since = seen[unit][1]
         due = since + rank * step
         if now >= due:
@@ -109,9 +116,7 @@ def plan_claims(
 def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
     """Units this machine should have loaded or running now, and why."""
     wanted: dict[str, Wanted] = {}
-    for name, owner in snapshot.owners.items():
-        if owner.machine_id != me:
-            continue
+    for name in view.owned_by.get(me, ()):
         record = snapshot.units.get(name)
         state = snapshot.desired_state(name)
         if record is None or state is DesiredState.INACTIVE:
@@ -140,9 +145,7 @@ def moving_away(snapshot: Snapshot, name: str, me: str) -> bool:
 def release_reasons(snapshot: Snapshot, me: str, view: View) -> dict[str, str]:
     """Units this machine owns but must give up, with the reason."""
     out: dict[str, str] = {}
-    for name, owner in sorted(snapshot.owners.items()):
-        if owner.machine_id != me:
-            continue
+    for name in view.owned_by.get(me, ()):
         if name not in snapshot.units:
             out[name] = "unit was destroyed"
         elif snapshot.desired_state(name) is DesiredState.INACTIVE:

@@ -119,7 +119,7 @@ class Reconciler:
         view = self.mirror.view(snap)
         loaded = self.manager.loaded_units()
         reasons = release_reasons(snap, self.me, view)
-        mine = {n for n, o in snap.owners.items() if o.machine_id == self.me}
+        mine = set(view.owned_by.get(self.me, ()))
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
         states = self.manager.states(names) if names else {}

@@ -10,7 +10,7 @@ import pytest
 
 from fleetd.model import DesiredState, Machine, Owner, SystemdState
 from fleetd.placement import Placement, View
-from fleetd.planner import Task, TaskKind, plan_claims, plan_local
+from fleetd.planner import BID_DEPTH, Task, TaskKind, plan_claims, plan_local
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -89,6 +89,15 @@ def test_a_new_favourite_restarts_the_stagger() -> None:
     assert plan.next_wake == pytest.approx(6.0)
     later = plan_claims(placements, "m1", plan.first_seen, 6.0, 1.0)
     assert [t.unit for t in later.claims] == ["u.service"]
+
+
+def test_machines_ranked_below_the_bid_depth_never_bid() -> None:
+    ranked = tuple(f"m{i}" for i in range(BID_DEPTH + 2))
+    placements = {"u.service": Placement("u.service", ranked)}
+    deep = plan_claims(placements, ranked[BID_DEPTH], {"u.service": ("m0", 0.0)}, 1e6, 0.5)
+    assert deep.claims == () and deep.next_wake is None
+    last = plan_claims(placements, ranked[BID_DEPTH - 1], {"u.service": ("m0", 0.0)}, 1e6, 0.5)
+    assert [t.unit for t in last.claims] == ["u.service"]
 
 
 def test_several_claims_in_one_round() -> None:

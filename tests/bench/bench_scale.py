@@ -28,6 +28,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,9 +44,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "vagrant")]
 
 from localcluster.etcd import EtcdCluster  # noqa: E402
 
+from fleetd.model import DesiredState  # noqa: E402
 from fleetd.registry import EtcdRegistry  # noqa: E402
-from fleetd.snapshot import Snapshot  # noqa: E402
-from tests.support.agents import Harness, unit_text  # noqa: E402
+from fleetd.snapshot import Snapshot, UnitRecord  # noqa: E402
+from fleetd.unitfile import content_hash  # noqa: E402
+from tests.support.agents import unit_text  # noqa: E402
+from tests.support.hollow import HollowHost  # noqa: E402
 
 FLEETCTL = str(Path(sys.executable).with_name("fleetctl"))
 
@@ -78,6 +82,17 @@ def raw_ceiling(endpoint: str, seconds: float = 3.0) -> float:
     raw.delete_prefix(client.layout.prefix)
     client.close()
     return rate
+
+
+def submit(endpoint: str, prefix: str, units: dict[str, str]) -> None:
+    """Write the units as fleetctl start does (in transactions of up to 60 units)."""
+    client = EtcdRegistry([endpoint], prefix)
+    try:
+        records = [UnitRecord(n, t, content_hash(t)) for n, t in units.items()]
+        if not client.write_units(records, DesiredState.LAUNCHED, client.snapshot()):
+            raise SystemExit("could not write the units")
+    finally:
+        client.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,6 +139,8 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=10.0, help="agent_ttl of the hollow machines")
     parser.add_argument("--zones", type=int, default=4)
     args = parser.parse_args()
+    # A SIGTERM (timeout, kill) still stops the etcd this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Hundreds of agents log every claim and stop: keep the figures readable.
     logging.getLogger("fleetd").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -134,14 +151,13 @@ def main() -> None:
             ceiling = raw_ceiling(endpoint)
             print(f"raw ceiling: {ceiling:.0f} compare-and-create txns/s (one client, sequential)")
             prefix = f"/scale-{uuid.uuid4().hex[:6]}/"
-            harness = Harness([endpoint], prefix, ttl=args.ttl, shared_client=True,
-                              shared_mirror=True, stagger=1.0)
+            host = HollowHost([endpoint], prefix, ttl=args.ttl, stagger=1.0)
             base_rss = rss_mb()
             start = time.monotonic()
             for i in range(args.machines):
-                harness.add(f"h{i:03d}", {"zone": f"z{i % args.zones}"} if args.zones else {})
-            mirror = harness.mirror
-            assert mirror is not None
+                host.add(f"h{i:03d}", {"zone": f"z{i % args.zones}"} if args.zones else {})
+            host.start()
+            mirror = host.mirror
             wait_for(mirror.copy, lambda s: len(s.machines) == args.machines, 300)
             print(f"{args.machines} hollow machines joined in {time.monotonic() - start:.1f} s; "
                   f"RSS {rss_mb() - base_rss:.1f} MB for all, "
@@ -153,7 +169,7 @@ def main() -> None:
             mirror.plan_times.clear()
             mirror.plan_evaluations.clear()
             start = time.monotonic()
-            harness.submit({n: text for n in sorted(names)})
+            submit(endpoint, prefix, {n: text for n in sorted(names)})
             submitted = time.monotonic() - start
             wait_for(
                 mirror.copy, lambda s: sum(1 for n in names if n in s.owners) == len(names), 1800
@@ -185,11 +201,11 @@ def main() -> None:
                   f"snapshot, {(rss_mb() - base_rss) / args.machines * 1024:.0f} kB growth per "
                   "hollow machine")
 
-            victim = sorted(harness.nodes)[0]
-            victim_id = harness.nodes[victim].agent.me
+            victim = sorted(host.machines)[0]
+            victim_id = host.machines[victim].agent.me
             moved = {n for n, o in snap.owners.items() if o.machine_id == victim_id}
             start = time.monotonic()
-            harness.kill(victim)
+            host.kill(victim)
             took = wait_for(mirror.copy, lambda s: all_active(s, moved, skip=victim_id), 600)
             print(f"kill: the {len(moved)} units of a killed hollow machine active elsewhere in "
                   f"{took:.2f} s (agent_ttl {args.ttl:g} s + {took - args.ttl:.2f} s)")
@@ -197,7 +213,7 @@ def main() -> None:
                 print(f"fleetctl {verb} with {args.units} units: "
                       f"{fleetctl_latency(endpoint, prefix, verb):.2f} s (median of 3)")
             print(f"load average {os.getloadavg()[0]:.1f} at the end")
-            harness.stop_all()
+            host.stop()
         finally:
             etcd.stop()
 

@@ -61,7 +61,6 @@ class Executor:
         self.clock = clock
         self.progress = progress
         self.settle = settle  # seconds a stop may take before its unit waits for a later round
-        self.stop_reasons: dict[str, str] = {}
         self._deferred: set[str] = set()
         self._started: set[tuple[str, str]] = set()
         self._epoch = 0
@@ -102,7 +101,6 @@ class Executor:
         """
         failed: set[str] = set()
         self._deferred = set()
-        self.stop_reasons = {}
         for task in tasks:
             if task.unit in failed or task.unit in self._deferred:
                 continue
@@ -142,7 +140,6 @@ class Executor:
             return
         log.info("%s", task)
         if kind is TaskKind.STOP:
-            self.stop_reasons[task.unit] = task.reason
             self.manager.stop(task.unit)
             self._forget(task.unit)
         elif kind is TaskKind.UNLOAD:

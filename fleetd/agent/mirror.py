@@ -121,18 +121,19 @@ class Mirror:
         with self._sync_lock:
             self._cancel_watch()
             self._resync.clear()
-            snap = self.registry.snapshot()
-            for key, reason in sorted(snap.refused.items()):
-                log.warning("ignoring registry entry %s: %s", key, reason)
-            with self._lock:
-                self._snapshot = snap
-                self._synced_at = snap.revision
-                self._epoch += 1
             try:
+                snap = self.registry.snapshot()
+                with self._lock:
+                    self._snapshot = snap
+                    self._synced_at = snap.revision
+                    self._epoch += 1
                 self._cancel = self.registry.watch(snap.revision + 1, self._on_watch)
             except BaseException:
+                # Not current: the next round reads everything again.
                 self._resync.set()
                 raise
+        for key, reason in sorted(snap.refused.items()):
+            log.warning("ignoring registry entry %s: %s", key, reason)
         self.wake()
 
     def close(self) -> None:

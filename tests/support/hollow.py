@@ -96,6 +96,7 @@ class HollowHost:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hollow")
+        self._lease_workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="lease")
 
     def add(self, name: str, metadata: Mapping[str, str] | None = None) -> Hollow:
         config = Config(
@@ -129,19 +130,23 @@ class HollowHost:
     def _lease_loop(self) -> None:
         while not self._stopping.is_set():
             now = time.monotonic()
-            wait = 0.2
-            for hollow in self._each():
-                agent = hollow.agent
-                try:
-                    if now >= hollow.lease_due:
-                        hollow.lease_due = now + agent.keeper.tick()
-                    if now >= hollow.fence_due:
-                        hollow.fence_due = now + min(0.5, agent.fencer.tick())
-                except Exception:
-                    log.exception("hollow %s: lease step failed", hollow.name)
-                    hollow.lease_due = now + 0.5
-                wait = min(wait, hollow.lease_due - now, hollow.fence_due - now)
-            self._stopping.wait(max(0.01, wait))
+            due = [h for h in self._each() if now >= min(h.lease_due, h.fence_due)]
+            # Keep-alives are round trips: several at once, as separate hosts would send them.
+            for _ in self._lease_workers.map(self._lease_step, due, [now] * len(due)):
+                pass
+            waits = [min(h.lease_due, h.fence_due) - now for h in self._each()]
+            self._stopping.wait(max(0.01, min([0.2, *waits])))
+
+    def _lease_step(self, hollow: Hollow, now: float) -> None:
+        agent = hollow.agent
+        try:
+            if now >= hollow.lease_due:
+                hollow.lease_due = now + agent.keeper.tick()
+            if now >= hollow.fence_due:
+                hollow.fence_due = now + min(0.5, agent.fencer.tick())
+        except Exception:
+            log.exception("hollow %s: lease step failed", hollow.name)
+            hollow.lease_due = now + 0.5
 
     def _step_loop(self) -> None:
         while not self._stopping.is_set():
@@ -159,7 +164,7 @@ class HollowHost:
 
     def _turn(self, changed: bool, now: float) -> None:
         due = [h for h in self._each() if changed or now >= h.step_due]
-        for _ in self._workers.map(lambda hollow: self._round(hollow, now), due):
+        for _ in self._workers.map(self._round, due, [now] * len(due)):
             pass
 
     def _round(self, hollow: Hollow, now: float) -> None:
@@ -195,6 +200,7 @@ class HollowHost:
         for thread in self._threads:
             thread.join(30)
         self._workers.shutdown()
+        self._lease_workers.shutdown()
         self.mirror.close()
         self.registry.close()
 

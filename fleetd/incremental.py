@@ -314,11 +314,12 @@ class IncrementalPlanner:
                 del keys[bisect.bisect_left(keys, (old, m))]
                 scores[m] = new
                 bisect.insort(keys, (new, m))
-        placement = Placement(
-            unit,
-            tuple(m for _, m in keys),
-            {m: v.reason for m, v in verdicts.items() if not v.ok},
+        refusals = (
+            {m: v.reason for m, v in verdicts.items() if not v.ok}
+            if recheck
+            else entry.placement.refusals  # no verdict changed: the same reasons
         )
+        placement = Placement(unit, tuple(m for _, m in keys), refusals)
         entry.placement = placement
         return placement, entry
 

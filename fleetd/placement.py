@@ -65,7 +65,12 @@ class Placement:
 
 
 class View:
-    """Indexes over one snapshot for one planning pass, plus the pass's own decisions."""
+    """Indexes over one snapshot for one planning pass, plus the pass's own decisions.
+
+    Besides where each unit is, the view keeps, per machine, zone and region, the placed units of
+    each template group and the placed units that declare Conflicts, so a limit, a spread score
+    or a conflict check costs the units it can concern, not every unit of the machine.
+    """
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -83,30 +88,74 @@ class View:
         # the whole cluster, per check.
         self.in_zone: dict[str, set[str]] = {}
         self.in_region: dict[str, set[str]] = {}
-        self.replacers = frozenset(n for n, r in self.requirements.items() if r.replaces)
-        self.zone_conflictors = frozenset(
-            n for n, r in self.requirements.items() if r.zone_conflicts
-        )
-        self.region_conflictors = frozenset(
-            n for n, r in self.requirements.items() if r.region_conflicts
-        )
+        # (level, key, template group) -> placed instances of that group there.
+        self.group_at: dict[tuple[str, str, str], set[str]] = {}
+        # machine -> placed units there that declare Conflicts.
+        self.conflictors_on: dict[str, set[str]] = {}
+        self._sorted: dict[tuple[str, str], list[str]] = {}
+        self.index_rules()
+        # The registry's owner keys by machine (sorted names), whatever the unit or machine:
+        # an agent looks at its own units without scanning everyone's.
+        self.owned_by: dict[str, list[str]] = {}
         for name, owner in snapshot.owners.items():
+            self.owned_by.setdefault(owner.machine_id, []).append(name)
             if owner.machine_id in self.machines and name in self.requirements:
                 self._put(name, owner.machine_id, owner.revision)
+        for names in self.owned_by.values():
+            names.sort()
         self.globals_on: dict[str, list[str]] = {}
         self._compute_globals()
 
+    def index_rules(self) -> None:
+        """The sets of units that declare the rarer rules, so checks skip them when empty."""
+        reqs = self.requirements
+        self.replacers = {n for n, r in reqs.items() if r.replaces}
+        self.conflictors = {n for n, r in reqs.items() if r.conflicts}
+        self.zone_conflictors = {n for n, r in reqs.items() if r.zone_conflicts}
+        self.region_conflictors = {n for n, r in reqs.items() if r.region_conflicts}
+
+    def set_requirements(self, name: str, req: Requirements | None) -> None:
+        """A unit's content changed (None: gone or invalid). The unit must not be placed in the
+        view meanwhile: take it out first and put it back after."""
+        if req is None:
+            self.requirements.pop(name, None)
+        else:
+            self.requirements[name] = req
+        rules = (
+            (self.replacers, bool(req and req.replaces)),
+            (self.conflictors, bool(req and req.conflicts)),
+            (self.zone_conflictors, bool(req and req.zone_conflicts)),
+            (self.region_conflictors, bool(req and req.region_conflicts)),
+        )
+        for members, declares in rules:
+            if declares:
+                members.add(name)
+            else:
+                members.discard(name)
+
     # -- overlay
+
+    def _levels(self, machine_id: str) -> list[tuple[str, str]]:
+        levels = [("machine", machine_id)]
+        machine = self.machines.get(machine_id)
+        if machine is not None and machine.zone is not None:
+            levels.append(("zone", machine.zone))
+        if machine is not None and machine.region is not None:
+            levels.append(("region", machine.region))
+        return levels
 
     def _put(self, unit: str, machine_id: str, revision: int) -> None:
         self.location[unit] = machine_id
         self.revision[unit] = revision
-        self.on_machine.setdefault(machine_id, set()).add(unit)
-        machine = self.machines.get(machine_id)
-        if machine is not None and machine.zone is not None:
-            self.in_zone.setdefault(machine.zone, set()).add(unit)
-        if machine is not None and machine.region is not None:
-            self.in_region.setdefault(machine.region, set()).add(unit)
+        group = template_group(unit)
+        index = {"machine": self.on_machine, "zone": self.in_zone, "region": self.in_region}
+        for level, key in self._levels(machine_id):
+            index[level].setdefault(key, set()).add(unit)
+            self._sorted.pop((level, key), None)
+            if group is not None:
+                self.group_at.setdefault((level, key, group), set()).add(unit)
+        if unit in self.conflictors:
+            self.conflictors_on.setdefault(machine_id, set()).add(unit)
 
     def place(self, unit: str, machine_id: str, revision: int = PLANNED) -> None:
         """Overlay a decision of this pass (or put a unit back where it was, with its revision)."""
@@ -116,19 +165,23 @@ class View:
     def remove(self, unit: str) -> None:
         machine_id = self.location.pop(unit, None)
         self.revision.pop(unit, None)
-        if machine_id is not None:
-            self.on_machine.get(machine_id, set()).discard(unit)
-            machine = self.machines.get(machine_id)
-            if machine is not None and machine.zone is not None:
-                self.in_zone.get(machine.zone, set()).discard(unit)
-            if machine is not None and machine.region is not None:
-                self.in_region.get(machine.region, set()).discard(unit)
+        if machine_id is None:
+            return
+        group = template_group(unit)
+        index = {"machine": self.on_machine, "zone": self.in_zone, "region": self.in_region}
+        for level, key in self._levels(machine_id):
+            index[level].get(key, set()).discard(unit)
+            self._sorted.pop((level, key), None)
+            if group is not None:
+                self.group_at.get((level, key, group), set()).discard(unit)
+        self.conflictors_on.get(machine_id, set()).discard(unit)
 
     # -- global units
 
     def _compute_globals(self) -> None:
         """Global units run on every machine that matches and where nothing placed conflicts;
         among conflicting global units the first by name wins. Owned units take precedence."""
+        self.globals_on = {}
         names = sorted(
             n
             for n, req in self.requirements.items()
@@ -160,21 +213,53 @@ class View:
         """Units running (or planned) on a machine. With `before`, only claims older than that
         revision count, and global units do not: an owner re-checking its unit yields only to
         what was there first."""
-        owned = self.on_machine.get(machine_id, set())
+        owned = self.placed_at("machine", machine_id, before)
         if before is not None:
-            return sorted(u for u in owned if self.revision.get(u, PLANNED) < before)
-        return sorted(owned) + list(self.globals_on.get(machine_id, ()))
+            return owned
+        return owned + list(self.globals_on.get(machine_id, ()))
+
+    def load(self, machine_id: str) -> int:
+        """How many units run (or are planned) on a machine, global ones included."""
+        return len(self.on_machine.get(machine_id, ())) + len(self.globals_on.get(machine_id, ()))
+
+    def present_conflictors(self, machine_id: str, before: int | None = None) -> list[str]:
+        """The units of `present` that declare Conflicts, in the same order."""
+        mine = self.conflictors_on.get(machine_id, set())
+        owned = sorted(
+            u for u in mine if before is None or self.revision.get(u, PLANNED) < before
+        )
+        if before is not None:
+            return owned
+        return owned + [g for g in self.globals_on.get(machine_id, ()) if g in self.conflictors]
 
     def placed_at(self, level: str, key: str | None, before: int | None = None) -> list[str]:
         """Non-global units placed on one machine, zone or region (level "machine", "zone",
         "region"); with `before`, only claims older than that revision."""
         if key is None:
             return []
-        index = {"machine": self.on_machine, "zone": self.in_zone, "region": self.in_region}
-        units = index[level].get(key, set())
+        cached = self._sorted.get((level, key))
+        if cached is None:
+            index = {"machine": self.on_machine, "zone": self.in_zone, "region": self.in_region}
+            cached = self._sorted[(level, key)] = sorted(index[level].get(key, ()))
         if before is None:
-            return sorted(units)
-        return sorted(u for u in units if self.revision.get(u, PLANNED) < before)
+            return list(cached)
+        return [u for u in cached if self.revision.get(u, PLANNED) < before]
+
+    def group_count(
+        self, unit: str, group: str, level: str, key: str | None, before: int | None = None
+    ) -> int:
+        """Placed instances of template `group` on one machine, zone or region, `unit` itself
+        not counted; with `before`, only claims older than that revision."""
+        if key is None:
+            return 0
+        members = self.group_at.get((level, key, group))
+        if not members:
+            return 0
+        if before is None:
+            return len(members) - (unit in members)
+        return sum(
+            1 for u in members if u != unit and self.revision.get(u, PLANNED) < before
+        )
 
     def label(self, machine_id: str) -> str:
         machine = self.machines.get(machine_id)
@@ -331,8 +416,13 @@ def check_region_of(
 def check_conflicts(
     unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
 ) -> Verdict:
-    """Conflicts hold both ways: a one-way declaration keeps both units apart."""
-    for other in view.present(machine.id, before):
+    """Conflicts hold both ways: a one-way declaration keeps both units apart. Without patterns
+    of its own a unit can only meet the patterns of units that declare some."""
+    if req.conflicts:
+        others = view.present(machine.id, before)
+    else:
+        others = view.present_conflictors(machine.id, before)
+    for other in others:
         pattern = _conflict_pattern(view, unit, other)
         if pattern:
             return refuse(f"conflicts with {other} (Conflicts={pattern})")
@@ -399,12 +489,7 @@ def check_limits(
     for option, limit, level, key in limits:
         if limit is None:
             continue
-        count = sum(
-            1
-            for other in view.placed_at(level, key, before)
-            if other != unit and template_group(other) == group
-        )
-        if count >= limit:
+        if view.group_count(unit, group, level, key, before) >= limit:
             where = f"on {machine.label}" if level == "machine" else f"in {key}"
             return refuse(f"{option}={limit} reached {where}")
     return OK
@@ -449,6 +534,8 @@ def score_move(unit: str, req: Requirements, machine: Machine, view: View) -> Sc
 
 def score_replaces(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
     """A replacing unit goes where the unit it replaces runs."""
+    if not req.replaces:
+        return (1,)
     for other in view.present(machine.id):
         if other != unit and _replaces(view, unit, other) and not _replaces(view, other, unit):
             return (0,)
@@ -459,24 +546,16 @@ def score_spread(unit: str, req: Requirements, machine: Machine, view: View) -> 
     """Instances of one template prefer the region/zone, then the machine, with fewest of them;
     other units prefer the machine that runs fewest units."""
     group = template_group(unit)
+    load = view.load(machine.id)
     if group is None or req.spread is Spread.NONE:
-        return (len(view.present(machine.id)),)
-
-    def count(level: str, key: str | None) -> int:
-        return sum(
-            1
-            for other in view.placed_at(level, key)
-            if other != unit and template_group(other) == group
-        )
-
-    on_machine = count("machine", machine.id)
-    load = len(view.present(machine.id))
+        return (load,)
+    on_machine = view.group_count(unit, group, "machine", machine.id)
     if req.spread is Spread.MACHINE:
         return (on_machine, load)
-    in_zone = count("zone", machine.zone)
+    in_zone = view.group_count(unit, group, "zone", machine.zone)
     if req.spread is Spread.ZONE:
         return (in_zone, on_machine, load)
-    return (count("region", machine.region), in_zone, on_machine, load)
+    return (view.group_count(unit, group, "region", machine.region), in_zone, on_machine, load)
 
 
 def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
@@ -489,10 +568,16 @@ def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -
 SCORERS: tuple[Scorer, ...] = (score_move, score_replaces, score_spread, score_tiebreak)
 
 
+def score(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
+    """Every scorer's terms in order: machines sort by this, then by id."""
+    terms: Score = ()
+    for scorer in SCORERS:
+        terms += scorer(unit, req, machine, view)
+    return terms
+
+
 def rank(unit: str, req: Requirements, machines: Iterable[Machine], view: View) -> list[str]:
-    scored = [
-        (tuple(s for scorer in SCORERS for s in scorer(unit, req, m, view)), m.id) for m in machines
-    ]
+    scored = [(score(unit, req, m, view), m.id) for m in machines]
     scored.sort()
     return [machine_id for _, machine_id in scored]
 
@@ -539,24 +624,34 @@ def _peers(req: Requirements) -> tuple[str, ...]:
     return req.machine_of + req.zone_of + req.region_of
 
 
-def pending_units(snapshot: Snapshot, view: View) -> list[str]:
-    """Non-global units that want a machine and have none, in planning order: by name, with
-    every follower (MachineOf/ZoneOf/RegionOf) after the units it follows."""
-    pending = sorted(
-        name
-        for name in snapshot.units
-        if name not in view.location
+def is_pending(snapshot: Snapshot, view: View, name: str) -> bool:
+    """Whether a unit wants a machine and has none (global units never wait for one)."""
+    return (
+        name in snapshot.units
+        and name not in view.location
         and snapshot.desired_state(name) is not DesiredState.INACTIVE
         and not (name in view.requirements and view.requirements[name].global_)
     )
+
+
+def pending_units(snapshot: Snapshot, view: View) -> list[str]:
+    """Non-global units that want a machine and have none, in planning order: by name, with
+    every follower (MachineOf/ZoneOf/RegionOf) after the units it follows."""
+    pending = sorted(name for name in snapshot.units if is_pending(snapshot, view, name))
+    return follower_order(pending, view.requirements)
+
+
+def follower_order(pending: list[str], requirements: Mapping[str, Requirements]) -> list[str]:
+    """`pending` (sorted by name) with every follower moved after the pending units it follows."""
     ordered: list[str] = []
     placed: set[str] = set()
     remaining = pending
     while remaining:
+        current = set(remaining)
         later: list[str] = []
         for name in remaining:
-            req = view.requirements.get(name)
-            deps = [p for p in (_peers(req) if req else ()) if p in remaining and p != name]
+            req = requirements.get(name)
+            deps = [p for p in (_peers(req) if req else ()) if p in current and p != name]
             if any(d not in placed for d in deps):
                 later.append(name)
             else:

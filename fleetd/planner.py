@@ -63,30 +63,46 @@ class Wanted:
 @dataclass(frozen=True)
 class ClaimPlan:
     claims: tuple[Task, ...]
-    first_seen: Mapping[str, float]  # unit -> when this agent first saw it pending
+    # unit -> (its favourite machine, since when this agent has seen that favourite)
+    first_seen: Mapping[str, tuple[str, float]]
     next_wake: float | None  # when a staggered bid falls due
+
+
+# Only the machines ranked this high bid for a unit: deeper ones would wait BID_DEPTH stagger
+# steps, by when the plan has changed (a dead machine leaves it with its lease). It also keeps
+# a round's cost independent of the number of machines.
+BID_DEPTH = 8
 
 
 def plan_claims(
     placements: Mapping[str, Placement],
     me: str,
-    first_seen: Mapping[str, float],
+    first_seen: Mapping[str, tuple[str, float]],
     now: float,
     step: float,
 ) -> ClaimPlan:
-    seen = {u: first_seen.get(u, now) for u in placements}
+    """The machine ranked r-th bids once the same favourite has held the unit for r steps
+    without claiming it. The clock restarts when the favourite changes: while claims land the
+    plan shifts, and a machine that just became favourite is not a slow one."""
+    seen: dict[str, tuple[str, float]] = {}
+    for unit, placement in placements.items():
+        top = placement.ranked[0] if placement.ranked else ""
+        known = first_seen.get(unit)
+        seen[unit] = known if known is not None and known[0] == top else (top, now)
     claims: list[Task] = []
     next_wake: float | None = None
     for unit, placement in placements.items():
-        if me not in placement.ranked:
+        bidders = placement.ranked[:BID_DEPTH]
+        if me not in bidders:
             continue
-        rank = placement.ranked.index(me)
-        due = seen[unit] + rank * step
+        rank = bidders.index(me)
+        since = seen[unit][1]
+        due = since + rank * step
         if now >= due:
             reason = (
                 "ranked first for placement"
                 if rank == 0
-                else f"ranked {rank + 1}; nobody better claimed it in {now - seen[unit]:.1f}s"
+                else f"ranked {rank + 1}; nobody better claimed it in {now - since:.1f}s"
             )
             claims.append(Task(TaskKind.CLAIM, unit, reason))
         else:
@@ -100,9 +116,7 @@ def plan_claims(
 def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
     """Units this machine should have loaded or running now, and why."""
     wanted: dict[str, Wanted] = {}
-    for name, owner in snapshot.owners.items():
-        if owner.machine_id != me:
-            continue
+    for name in view.owned_by.get(me, ()):
         record = snapshot.units.get(name)
         state = snapshot.desired_state(name)
         if record is None or state is DesiredState.INACTIVE:
@@ -131,9 +145,7 @@ def moving_away(snapshot: Snapshot, name: str, me: str) -> bool:
 def release_reasons(snapshot: Snapshot, me: str, view: View) -> dict[str, str]:
     """Units this machine owns but must give up, with the reason."""
     out: dict[str, str] = {}
-    for name, owner in sorted(snapshot.owners.items()):
-        if owner.machine_id != me:
-            continue
+    for name in view.owned_by.get(me, ()):
         if name not in snapshot.units:
             out[name] = "unit was destroyed"
         elif snapshot.desired_state(name) is DesiredState.INACTIVE:

@@ -47,6 +47,10 @@ __all__ = ["MAX_TXN_OPS", "EtcdRegistry", "WatchEvent", "parse_endpoints"]
 # etcd refuses transactions with more operations than --max-txn-ops (128 by default).
 MAX_TXN_OPS = 120
 
+# gRPC refuses answers over 4 MB by default, and the whole registry comes in one answer (a
+# snapshot, fleetctl's listings): 10,000 units with their owners and states are about 6 MB.
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 1 << 30)]
+
 
 def parse_endpoints(text: str | Sequence[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -116,6 +120,7 @@ class EtcdRegistry:
                     secure=secure,
                     creds=creds if secure else None,
                     time_retry=1.0,
+                    opts=GRPC_OPTIONS,
                 )
             )
         self._client = MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)

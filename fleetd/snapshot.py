@@ -121,6 +121,14 @@ class Snapshot:
     # Registry keys under the prefix that no agent acts on, with the reason: a name systemd
     # would refuse, an undecodable value, an unknown desired state, a key of no known kind.
     refused: dict[str, str] = field(default_factory=dict)
+    # Which units, desired states, owners, machines and move hints `apply` changed since the
+    # last `take_changes`: what an incremental planner needs to look at again. Published
+    # states are left out (no plan reads them); a copy starts with an empty journal.
+    changes: set[tuple[Kind, str]] = field(default_factory=set, compare=False, repr=False)
+
+    def take_changes(self) -> set[tuple[Kind, str]]:
+        changes, self.changes = self.changes, set()
+        return changes
 
     def copy(self) -> Snapshot:
         """A picture that later events do not change (values are immutable; maps are copied)."""
@@ -171,6 +179,8 @@ class Snapshot:
             except InvalidUnitName as exc:
                 reason = str(exc)
         if reason is None and parsed is not None:
+            if parsed.kind is not Kind.STATE:
+                self.changes.add((parsed.kind, parsed.name))
             # A valid put replaces whatever the key held; a refused one leaves nothing behind.
             self._delete(parsed)
             if value is not None:

@@ -545,7 +545,8 @@ def any_glob_match(patterns: Iterable[str], name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1 << 15)
 def requirements_for(text: str, name: str) -> Requirements:
-    """Parse and validate once per (content, name); the placement loop asks very often."""
+    """Parse and validate once per (content, name); the placement loop asks very often, for
+    every unit of the registry (tens of thousands at scale, so the cache holds as many)."""
     return parse_requirements(parse_unit_file(text, name), name)

@@ -6,14 +6,25 @@ again.
 The watch callback runs in the registry client's thread; the reconcile thread only ever takes a
 copy. Entries the snapshot refuses (invalid names, undecodable values, unknown keys) are logged
 once each, when they appear.
+
+The mirror also keeps the placement plan current: an `IncrementalPlanner` takes in the keys each
+batch of events changed (the snapshot's journal), so a round re-plans only what those changes can
+affect. A copy, its `View` and its plan are made once per registry revision and handed to every
+caller: several agents of one process (hollow machines in the scale benchmark) may share one
+mirror, and with it one watch, one snapshot and one planner; each keeps its own lease, claims
+and units.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 
+from fleetd.incremental import IncrementalPlanner
+from fleetd.placement import Placement, View
 from fleetd.ports import Registry, WatchEvent
 from fleetd.snapshot import Snapshot
 
@@ -23,42 +34,126 @@ log = logging.getLogger("fleetd")
 class Mirror:
     def __init__(self, registry: Registry, wake: Callable[[], None]) -> None:
         self.registry = registry
-        self.wake = wake
+        self._wakes = [wake]
+        self._users = 1
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self._synced_at = 0
         self._cancel: Callable[[], None] | None = None
         self._resync = threading.Event()
         self._resync.set()
+        self._sync_lock = threading.Lock()
+        self._epoch = 0  # counts full reads: a plan or copy of an older one is stale
+        self._copy: tuple[tuple[int, int], Snapshot] | None = None
+        self._view: tuple[Snapshot, View] | None = None
+        self._plan_lock = threading.Lock()
+        self._planner: tuple[int, IncrementalPlanner] | None = None
+        self._plan: tuple[tuple[int, int, int], Snapshot, Mapping[str, Placement]] | None = None
+        # Seconds and (unit, machine) evaluations of recent planning passes, for benchmarks.
+        self.plan_times: deque[float] = deque(maxlen=100_000)
+        self.plan_evaluations: deque[int] = deque(maxlen=100_000)
+
+    def share(self, wake: Callable[[], None]) -> Mirror:
+        """Another agent of this process uses this mirror too; `wake` rouses it on changes."""
+        with self._lock:
+            self._wakes.append(wake)
+            self._users += 1
+        return self
+
+    def wake(self) -> None:
+        for wake in list(self._wakes):
+            wake()
 
     @property
     def needs_sync(self) -> bool:
         return self._resync.is_set()
 
     def copy(self) -> Snapshot:
-        """A picture of the registry that later events do not change."""
+        """A picture of the registry that later events do not change. Callers only read it:
+        one copy per revision serves them all."""
         with self._lock:
-            return self._snapshot.copy()
+            return self._copy_locked()
+
+    def _copy_locked(self) -> Snapshot:
+        key = (self._epoch, self._snapshot.revision)
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, self._snapshot.copy())
+        return self._copy[1]
+
+    def view(self, snap: Snapshot) -> View:
+        """The placement indexes of a copy this mirror handed out, built once per copy."""
+        with self._lock:
+            if self._view is not None and self._view[0] is snap:
+                return self._view[1]
+        view = View(snap)
+        with self._lock:
+            self._view = (snap, view)
+        return view
+
+    def plan(
+        self,
+        window: Callable[[Snapshot], int],
+        planned: Callable[[float], None] | None = None,
+    ) -> tuple[Snapshot, Mapping[str, Placement]]:
+        """The current copy and its placement plan (as `plan_placements(copy, limit=...)` would
+        compute it, `window` giving the limit), planned incrementally once per revision.
+        `planned` hears the seconds a pass took, only when this call planned (not when it found
+        the revision planned already)."""
+        with self._plan_lock:
+            with self._lock:
+                snap = self._copy_locked()
+                changes = self._snapshot.take_changes()
+                epoch = self._epoch
+            limit = window(snap)
+            key = (epoch, snap.revision, limit)
+            if self._plan is not None and self._plan[0] == key:
+                return self._plan[1], self._plan[2]
+            started = time.perf_counter()
+            planner = self._planner[1] if self._planner and self._planner[0] == epoch else None
+            if planner is None:
+                planner = IncrementalPlanner(snap)
+                self._planner = (epoch, planner)
+            else:
+                planner.update(snap, changes)
+            evaluated = planner.evaluations
+            plan = planner.plan(limit)
+            took = time.perf_counter() - started
+            self.plan_times.append(took)
+            if planned is not None:
+                planned(took)
+            self.plan_evaluations.append(planner.evaluations - evaluated)
+            self._plan = (key, snap, plan)
+            return snap, plan
 
     def sync(self) -> None:
         """Read everything once and watch from there."""
-        self.close()
-        self._resync.clear()
-        try:
-            snap = self.registry.snapshot()
-            with self._lock:
-                self._snapshot = snap
-                self._synced_at = snap.revision
-            self._cancel = self.registry.watch(snap.revision + 1, self._on_watch)
-        except BaseException:
-            # Not current: the next round reads everything again.
-            self._resync.set()
-            raise
+        with self._sync_lock:
+            self._cancel_watch()
+            self._resync.clear()
+            try:
+                snap = self.registry.snapshot()
+                with self._lock:
+                    self._snapshot = snap
+                    self._synced_at = snap.revision
+                    self._epoch += 1
+                self._cancel = self.registry.watch(snap.revision + 1, self._on_watch)
+            except BaseException:
+                # Not current: the next round reads everything again.
+                self._resync.set()
+                raise
         for key, reason in sorted(snap.refused.items()):
             log.warning("ignoring registry entry %s: %s", key, reason)
         self.wake()
 
     def close(self) -> None:
+        """One user is done; the watch ends with the last."""
+        with self._lock:
+            self._users -= 1
+            last = self._users <= 0
+        if last:
+            self._cancel_watch()
+
+    def _cancel_watch(self) -> None:
         cancel, self._cancel = self._cancel, None
         if cancel is not None:
             cancel()

@@ -23,6 +23,10 @@ class Publisher:
         self.wall = wall
         self._published: dict[str, PublishedState] = {}
         self._since: dict[str, tuple[str, float]] = {}
+        # States under our lease that we did not write in this run (a restart adopted the
+        # lease) are found by one scan of the registry's states per lease; after it, every
+        # state of ours is one we wrote, so a round costs our units, not the cluster's.
+        self._scanned = False
 
     def publish(
         self,
@@ -51,12 +55,18 @@ class Publisher:
             if self._published.get(name) != current:
                 self.registry.publish_state(name, current, view.lease_id)
                 self._published[name] = current
-        stale = {n for n, per in snap.states.items() if self.me in per} | set(self._published)
+        stale = set(self._published)
+        scanning = not self._scanned
+        if scanning:
+            stale |= {n for n, per in snap.states.items() if self.me in per}
         for name in sorted(stale - set(loaded)):
             self.registry.delete_state(name, self.me)
             self._published.pop(name, None)
             self._since.pop(name, None)
+        if scanning:
+            self._scanned = True
 
     def forget(self) -> None:
         """A new lease: nothing published under the old one survives."""
         self._published.clear()
+        self._scanned = False

@@ -8,9 +8,7 @@ a round that failed half-way is repaired by the next one.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 
 from fleetd.agent.executor import Executor
 from fleetd.agent.lease import LeaseView
@@ -20,47 +18,13 @@ from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
 from fleetd.metrics import Metrics, count_by
 from fleetd.model import DesiredState
-from fleetd.placement import Placement, View, claim_guards, plan_placements
+from fleetd.placement import Placement, claim_guards
 from fleetd.planner import TaskKind, plan_claims, plan_local
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import any_glob_match
 
 log = logging.getLogger("fleetd")
-
-
-class PlanCache:
-    """Placement plans by (cluster, prefix, revision), shared by the agents of one process.
-
-    A plan is a pure function of the registry's content, and the content at one etcd revision is
-    the same for every agent that has applied all events up to it. One fleetd per host gains
-    nothing; a process simulating many machines (the scale benchmark, the race tests) plans once
-    per revision instead of once per machine and revision.
-    """
-
-    SIZE = 16
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._plans: OrderedDict[Hashable, Mapping[str, Placement]] = OrderedDict()
-
-    def __call__(
-        self, key: Hashable, plan: Callable[[], Mapping[str, Placement]]
-    ) -> Mapping[str, Placement]:
-        with self._lock:
-            found = self._plans.get(key)
-            if found is not None:
-                self._plans.move_to_end(key)
-                return found
-        result = plan()
-        with self._lock:
-            self._plans[key] = result
-            while len(self._plans) > self.SIZE:
-                self._plans.popitem(last=False)
-        return result
-
-
-shared_plans = PlanCache()
 
 
 def excludes(snap: Snapshot, a: str, b: str) -> bool:
@@ -74,10 +38,16 @@ def excludes(snap: Snapshot, a: str, b: str) -> bool:
     return False
 
 
+# (unit, machine) pairs a planning pass may evaluate from scratch.
+PASS_BUDGET = 20_000
+
+
 def plan_window(snap: Snapshot) -> int:
-    """How many placeable units one pass plans: enough for every machine to claim a couple
-    at once, few enough that a pass stays cheap with thousands of waiting units."""
-    return max(32, 2 * len(snap.machines))
+    """How many placeable units one pass plans: all that fit the pass budget, and never fewer
+    than every machine can claim a couple of at once. Small clusters plan every waiting unit in
+    one pass; thousands of units on hundreds of machines go a window at a time."""
+    machines = max(1, len(snap.machines))
+    return max(2 * machines, PASS_BUDGET // machines)
 
 
 class Reconciler:
@@ -108,7 +78,7 @@ class Reconciler:
         self.clock = clock
         self.stagger = stagger
         self.wake = wake
-        self._first_seen: dict[str, float] = {}
+        self._first_seen: dict[str, tuple[str, float]] = {}
         self.next_wake: float | None = None
 
     def round(self) -> bool:
@@ -116,23 +86,15 @@ class Reconciler:
         view = self.view()
         if not view.may_start(self.clock(), self.margin):
             return False  # not joined, or fencing: only the fencer touches systemd now
-        snap = self.mirror.copy()
-        self._claim(snap, view)
+        snap, placements = self.mirror.plan(plan_window, self.metrics.planned)
+        self._claim(snap, placements, view)
         return self._act(snap)
 
-    def _claim(self, snap: Snapshot, view: LeaseView) -> None:
+    def _claim(
+        self, snap: Snapshot, placements: Mapping[str, Placement], view: LeaseView
+    ) -> None:
         assert view.lease_id is not None
         now = self.clock()
-
-        def plan() -> Mapping[str, Placement]:
-            began = self.clock()
-            placements = plan_placements(snap, limit=plan_window(snap))
-            self.metrics.planned(self.clock() - began)
-            return placements
-
-        placements = shared_plans(
-            (tuple(self.registry.endpoints), self.registry.layout.prefix, snap.revision), plan
-        )
         claim_plan = plan_claims(placements, self.me, self._first_seen, now, self.stagger())
         self._first_seen = dict(claim_plan.first_seen)
         self.next_wake = claim_plan.next_wake
@@ -168,9 +130,9 @@ class Reconciler:
             self.wake()
 
     def _act(self, snap: Snapshot) -> bool:
-        view = View(snap)
+        view = self.mirror.view(snap)
         loaded = self.manager.loaded_units()
-        mine = {n for n, o in snap.owners.items() if o.machine_id == self.me}
+        mine = set(view.owned_by.get(self.me, ()))
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
         states = self.manager.states(names) if names else {}

@@ -71,6 +71,7 @@ class Agent:
         guard_argv: Sequence[str] | None = None,
         settle: float = 0.3,
         metrics: Metrics | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -96,7 +97,10 @@ class Agent:
             registry, config.agent_ttl, self.margin, clock, self.machine, lease_file,
             on_change=self._lease_changed, metrics=self.metrics,
         )
-        self.mirror = Mirror(registry, self._wake.set)
+        # A simulator may also share one mirror (watch, snapshot, planner) among its agents.
+        self.mirror = (
+            mirror.share(self._wake.set) if mirror is not None else Mirror(registry, self._wake.set)
+        )
         self.fencer = Fencer(
             manager, self.keeper.view, self._fence_units, self.margin, clock,
             on_fence=self.metrics.fenced,

@@ -37,6 +37,18 @@ def test_a_batch_larger_than_one_transaction(registry: EtcdRegistry) -> None:
     assert {d.state for d in snap.desired.values()} == {DesiredState.LAUNCHED}
 
 
+def test_a_registry_larger_than_grpcs_default_answer_limit_reads_whole(
+    registry: EtcdRegistry,
+) -> None:
+    """10,000 units with owners and states are about 6 MB, over gRPC's default 4 MB limit on
+    one answer: the snapshot (an agent joining, fleetctl's listings) must still read."""
+    padding = "x" * 1000
+    text = f"[Unit]\nDescription={padding}\n\n[Service]\nExecStart=/bin/true\n"
+    records = [record(f"big@{i}.service", text) for i in range(5000)]
+    assert registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    assert len(registry.snapshot().units) == 5000
+
+
 def test_a_stale_guard_in_a_later_part_fails_and_a_retry_converges(
     registry: EtcdRegistry,
 ) -> None:

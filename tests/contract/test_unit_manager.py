@@ -526,7 +526,9 @@ def test_calls_to_a_hung_manager_time_out(tmp_path: Path) -> None:
                 manager.states(["x.service"])
             with pytest.raises(SystemdError):
                 manager.reload()
-            assert time.monotonic() - started < 5
+            # Not a speed goal: only that neither call waits for the manager forever (each is
+            # bounded by the 1 s timeout; the margin absorbs a loaded CI machine).
+            assert time.monotonic() - started < 20
         finally:
             os.kill(handle.pid, 18)  # SIGCONT
             manager.close()

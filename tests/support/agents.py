@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.lease import LeaseFile
+from fleetd.agent.mirror import Mirror
 from fleetd.config import Config
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.model import DesiredState
@@ -42,9 +43,13 @@ class Harness:
     # One etcd client (one connection, one multiplexed watch stream) for every agent: how the
     # scale benchmark fits hundreds of simulated machines in one process.
     shared_client: bool = False
+    # With a shared client, also one mirror (one watch, one snapshot, one incremental planner)
+    # for every agent: hollow machines, each still with its own lease, claims and units.
+    shared_mirror: bool = False
     stagger: float = 0.2
     nodes: dict[str, Node] = field(default_factory=dict)
     _shared: EtcdRegistry | None = None
+    mirror: Mirror | None = None
 
     def add(self, name: str, metadata: Mapping[str, str] | None = None,
             machine_id: str | None = None, endpoints: list[str] | None = None,
@@ -66,12 +71,15 @@ class Harness:
         else:
             registry = EtcdRegistry(config.etcd_servers, config.etcd_key_prefix, timeout=3.0)
         manager = manager or FakeUnitManager()
+        if self.shared_mirror and registry is self._shared and self.mirror is None:
+            self.mirror = Mirror(registry, lambda: None)
         agent = Agent(
             config,
             registry,
             manager,
             owns_registry=registry is not self._shared,
             lease_file=LeaseFile(lease_file) if lease_file else None,
+            mirror=self.mirror if registry is self._shared else None,
         )
         thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
         node = Node(name, agent, manager, thread)
@@ -133,6 +141,9 @@ class Harness:
     def stop_all(self) -> None:
         for name in list(self.nodes):
             self.halt(name)
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
         if self._shared is not None:
             self._shared.close()
             self._shared = None

@@ -10,7 +10,7 @@ import pytest
 
 from fleetd.model import DesiredState, Machine, Owner, SystemdState
 from fleetd.placement import Placement, View
-from fleetd.planner import Task, TaskKind, plan_claims, plan_local
+from fleetd.planner import BID_DEPTH, Task, TaskKind, plan_claims, plan_local
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -28,7 +28,7 @@ def test_first_ranked_machine_claims_at_once() -> None:
     assert [(t.kind, t.unit, t.reason) for t in plan.claims] == [
         (TaskKind.CLAIM, "u.service", "ranked first for placement")
     ]
-    assert plan.first_seen == {"u.service": 100.0}
+    assert plan.first_seen == {"u.service": ("m1", 100.0)}
     assert plan.next_wake is None
 
 
@@ -47,7 +47,7 @@ def test_rank_r_claims_after_r_steps(rank: int, now: float, claims: bool) -> Non
     ranked = tuple(f"m{i}" for i in range(4))
     me = ranked[rank]
     plan = plan_claims(
-        {"u.service": Placement("u.service", ranked)}, me, {"u.service": 100.0}, now, 0.5
+        {"u.service": Placement("u.service", ranked)}, me, {"u.service": ("m0", 100.0)}, now, 0.5
     )
     assert bool(plan.claims) is claims
     if claims:
@@ -55,7 +55,7 @@ def test_rank_r_claims_after_r_steps(rank: int, now: float, claims: bool) -> Non
         assert plan.next_wake is None
     else:
         assert plan.next_wake == pytest.approx(100.0 + rank * 0.5)
-    assert plan.first_seen == {"u.service": 100.0}
+    assert plan.first_seen == {"u.service": ("m0", 100.0)}
 
 
 def test_next_wake_is_the_earliest_due_bid_and_unranked_units_are_ignored() -> None:
@@ -65,17 +65,39 @@ def test_next_wake_is_the_earliest_due_bid_and_unranked_units_are_ignored() -> N
         "c.service": Placement("c.service", ("x",)),
         "d.service": Placement("d.service", (), blocked="desired state is inactive"),
     }
-    plan = plan_claims(placements, "m1", {"a.service": 10.0, "gone.service": 1.0}, 10.2, 1.0)
+    seen = {"a.service": ("x", 10.0), "gone.service": ("x", 1.0)}
+    plan = plan_claims(placements, "m1", seen, 10.2, 1.0)
     assert plan.claims == ()
     # a is due at 10 + 2, b (first seen now) at 10.2 + 1.
     assert plan.next_wake == pytest.approx(11.2)
     # Units no longer pending are forgotten; new ones are stamped with now.
     assert plan.first_seen == {
-        "a.service": 10.0,
-        "b.service": 10.2,
-        "c.service": 10.2,
-        "d.service": 10.2,
+        "a.service": ("x", 10.0),
+        "b.service": ("x", 10.2),
+        "c.service": ("x", 10.2),
+        "d.service": ("", 10.2),
     }
+
+
+def test_a_new_favourite_restarts_the_stagger() -> None:
+    """While claims land the plan shifts: the clock of the fallback bids counts from when the
+    current favourite became favourite, not from when the unit was first seen."""
+    placements = {"u.service": Placement("u.service", ("y", "m1"))}
+    plan = plan_claims(placements, "m1", {"u.service": ("x", 0.0)}, 5.0, 1.0)
+    assert plan.claims == ()
+    assert plan.first_seen == {"u.service": ("y", 5.0)}
+    assert plan.next_wake == pytest.approx(6.0)
+    later = plan_claims(placements, "m1", plan.first_seen, 6.0, 1.0)
+    assert [t.unit for t in later.claims] == ["u.service"]
+
+
+def test_machines_ranked_below_the_bid_depth_never_bid() -> None:
+    ranked = tuple(f"m{i}" for i in range(BID_DEPTH + 2))
+    placements = {"u.service": Placement("u.service", ranked)}
+    deep = plan_claims(placements, ranked[BID_DEPTH], {"u.service": ("m0", 0.0)}, 1e6, 0.5)
+    assert deep.claims == () and deep.next_wake is None
+    last = plan_claims(placements, ranked[BID_DEPTH - 1], {"u.service": ("m0", 0.0)}, 1e6, 0.5)
+    assert [t.unit for t in last.claims] == ["u.service"]
 
 
 def test_several_claims_in_one_round() -> None:
@@ -83,7 +105,7 @@ def test_several_claims_in_one_round() -> None:
         "a.service": Placement("a.service", ("m1",)),
         "b.service": Placement("b.service", ("m2", "m1")),
     }
-    plan = plan_claims(placements, "m1", {"b.service": 0.0}, 5.0, 0.5)
+    plan = plan_claims(placements, "m1", {"b.service": ("m2", 0.0)}, 5.0, 0.5)
     assert [t.unit for t in plan.claims] == ["a.service", "b.service"]
 
 

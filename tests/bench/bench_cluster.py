@@ -1,0 +1,258 @@
+"""The local-cluster workloads of issue 9, measured on real fleetd processes and systemd managers;
+prints figures, asserts nothing.
+
+    .venv/bin/python tests/bench/bench_cluster.py [--units 300] [--idle 60] [--ttl 4]
+
+On a fresh local cluster (vagrant/cluster.toml: three machines, agent_ttl 4 s) with the template
+units/hello@.service (a shell loop):
+
+- W1: `fleetctl start --no-block hello@1..N`, until `fleetctl list-units` (polled every 0.25 s)
+  shows all N active; etcd proposals per placed unit (etcd's proposals_committed counter, all of
+  fleetctl's and every agent's writes included); balance max - min.
+- idle: etcd proposals per minute while the N units run and nothing changes.
+- W3: `local-cluster kill` of a machine holding N/3 units, until all N run elsewhere.
+- W4: the killed machine back, then `local-cluster halt` of a machine holding N/2 units, until
+  all N run elsewhere.
+- the floor: the same N units started directly on the same managers, one process per manager
+  (LinkUnitFiles, one Reload, StartUnit over D-Bus; no etcd, no fleet), timed the same way (the
+  processes poll their units' states every 0.25 s).
+- where W1's time goes, from the agents' logs: time to the last claim, to the last start call,
+  and the rest (publication and the listing's polling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LC = [sys.executable, str(ROOT / "vagrant" / "local-cluster")]
+FLEETCTL = str(Path(sys.executable).with_name("fleetctl"))
+POLL = 0.25
+
+
+def lc(directory: str, *args: str) -> str:
+    return subprocess.run(
+        [*LC, "--dir", directory, *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def fleetctl(env: dict[str, str], *args: str) -> str:
+    return subprocess.run(
+        [FLEETCTL, *args], check=True, capture_output=True, text=True, env=env
+    ).stdout
+
+
+def proposals(endpoint: str) -> int:
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(r"^etcd_server_proposals_committed_total (\S+)$", text, re.M)
+    assert match is not None, "etcd exposes no proposals_committed counter"
+    return int(float(match.group(1)))
+
+
+def active_by_machine(env: dict[str, str], skip: str = "") -> dict[str, int]:
+    """machine address -> units list-units shows active there (skipping one address whose
+    published states linger until its lease runs out)."""
+    rows = fleetctl(env, "list-units", "--no-legend", "--fields", "unit,machine,active")
+    loads: dict[str, int] = {}
+    for row in rows.splitlines():
+        parts = row.split()
+        if len(parts) != 3 or parts[2] != "active":
+            continue
+        address = parts[1].split("/", 1)[-1]
+        if skip and address == skip:
+            continue
+        loads[address] = loads.get(address, 0) + 1
+    return loads
+
+
+def wait_active(env: dict[str, str], units: int, timeout: float, skip: str = "") -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = active_by_machine(env, skip)
+        if sum(loads.values()) >= units:
+            return loads
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {sum(loads.values())} of {units} active after {timeout:.0f} s")
+        time.sleep(POLL)
+
+
+def machine_addresses() -> dict[str, str]:
+    """machine name -> address: the local cluster gives the i-th machine of its cluster file
+    the address 127.0.0.(10+i)."""
+    names = re.findall(r'^name = "([^"]+)"', (ROOT / "vagrant" / "cluster.toml").read_text(), re.M)
+    return {name: f"127.0.0.{10 + i}" for i, name in enumerate(names)}
+
+
+def listed_addresses(env: dict[str, str]) -> set[str]:
+    out = fleetctl(env, "list-machines", "--no-legend", "--fields", "ip")
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def log_times(directory: Path, pattern: str, since: float) -> list[float]:
+    """Epoch seconds of every agent log line matching `pattern`, logged after `since`."""
+    stamps: list[float] = []
+    for log in directory.rglob("fleetd.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if pattern not in line:
+                continue
+            match = re.match(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)", line)
+            if match is None:
+                continue
+            stamp = datetime.fromisoformat(match.group(1).replace(",", ".")).timestamp()
+            if stamp >= since:
+                stamps.append(stamp)
+    return stamps
+
+
+FLOOR_WORKER = r"""
+import sys, time
+from pathlib import Path
+from fleetd.systemd import DbusUnitManager
+first, count, directory = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+directory.mkdir(parents=True, exist_ok=True)
+manager = DbusUnitManager(directory, user=True)
+text = Path(sys.argv[4]).read_text()
+names = [f"floor@{i}.service" for i in range(first, first + count)]
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.monotonic()
+for name in names:
+    manager.load(name, text)
+manager.reload()
+for name in names:
+    manager.start(name)
+while True:
+    states = manager.states(names)
+    if all(s.active == "active" for s in states.values()):
+        break
+    time.sleep(0.25)
+print(f"done {time.monotonic() - start:.3f}", flush=True)
+sys.stdin.readline()
+for name in names:
+    manager.stop(name)
+for name in names:
+    manager.unload(name)
+manager.reload()
+"""
+
+
+def floor(directory: str, machines: list[str], units: int) -> float:
+    """Seconds to start `units` units directly over D-Bus, split over the machines' managers."""
+    worker = Path(directory) / "floor_worker.py"
+    worker.write_text(FLOOR_WORKER)
+    template = ROOT / "units" / "hello@.service"
+    per = units // len(machines)
+    procs = []
+    for i, machine in enumerate(machines):
+        count = per if i < len(machines) - 1 else units - per * (len(machines) - 1)
+        cmd = [
+            *LC, "--dir", directory, "ssh", machine, "--", sys.executable, str(worker),
+            str(i * per), str(count), str(Path(directory) / machine / "floor-units"), str(template),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+    took = time.monotonic() - start
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("clean\n")
+        proc.stdin.flush()
+        proc.wait(120)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--units", type=int, default=300)
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds to count idle writes")
+    parser.add_argument("--ttl", type=float, default=4.0, help="agent_ttl of the cluster")
+    args = parser.parse_args()
+    n = args.units
+    directory = tempfile.mkdtemp(prefix="lcw-", dir="/tmp")
+    try:
+        lc(directory, "up", "--agent-ttl", f"{args.ttl:g}")
+        endpoint = lc(directory, "env").strip().split("=", 1)[1].split(",")[0]
+        env = {**os.environ, "FLEETCTL_ENDPOINT": endpoint}
+        names = machine_addresses()
+        machines = sorted(names)
+        print(f"local cluster: {len(machines)} machines, agent_ttl {args.ttl:g} s, "
+              f"load average {os.getloadavg()[0]:.1f} at start")
+
+        # The floor first, on idle managers, as W1 finds them.
+        took = floor(directory, machines, n)
+        print(f"floor: {n} units over D-Bus directly, one process per manager: {took:.2f} s")
+
+        files = [str(ROOT / "units" / f"hello@{i}.service") for i in range(1, n + 1)]
+        before = proposals(endpoint)
+        wall = time.time()
+        start = time.monotonic()
+        fleetctl(env, "start", "--no-block", *files)
+        submitted = time.monotonic() - start
+        loads = wait_active(env, n, 600)
+        w1 = time.monotonic() - start
+        written = proposals(endpoint) - before
+        claims = log_times(Path(directory), "claimed hello@", wall)
+        starts = log_times(Path(directory), "start hello@", wall)
+        print(f"W1: {n} units all active in {w1:.2f} s ({w1 / took:.2f}x the floor); "
+              f"{written / n:.2f} etcd proposals per placed unit; "
+              f"balance max-min {max(loads.values()) - min(loads.values())}")
+        if claims and starts:
+            print(f"W1 breakdown: fleetctl submit {submitted:.2f} s; last claim at "
+                  f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "
+                  f"all seen active by the 0.25 s listing poll at {w1:.2f} s")
+
+        time.sleep(3)
+        before = proposals(endpoint)
+        time.sleep(args.idle)
+        idle = (proposals(endpoint) - before) * 60 / args.idle
+        print(f"idle: {idle:.0f} etcd proposals per minute with {n} units running "
+              f"(counted over {args.idle:g} s)")
+
+        holding = active_by_machine(env)
+        victim = max(machines, key=lambda m: holding.get(names[m], 0))
+        start = time.monotonic()
+        lc(directory, "kill", victim)
+        wait_active(env, n, 600, skip=names[victim])
+        w3 = time.monotonic() - start
+        print(f"W3: kill {victim} holding {holding.get(names[victim], 0)} units: all {n} active "
+              f"elsewhere in {w3:.2f} s (TTL + {w3 - args.ttl:.2f} s)")
+
+        lc(directory, "start", victim)
+        deadline = time.monotonic() + 60
+        while names[victim] not in listed_addresses(env) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        holding = active_by_machine(env, skip=names[victim])
+        second = max((m for m in machines if m != victim), key=lambda m: holding.get(names[m], 0))
+        start = time.monotonic()
+        lc(directory, "halt", second)
+        wait_active(env, n, 600, skip=names[second])
+        w4 = time.monotonic() - start
+        print(f"W4: halt {second} holding {holding.get(names[second], 0)} units: all {n} active "
+              f"elsewhere in {w4:.2f} s")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores, shared)")
+    finally:
+        subprocess.run([*LC, "--dir", directory, "destroy"], capture_output=True, check=False)
+
+
+if __name__ == "__main__":
+    main()

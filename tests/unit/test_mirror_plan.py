@@ -1,0 +1,116 @@
+"""The mirror's incremental plan through the real path: registry writes become watch events,
+`Snapshot.apply` journals the keys they touch, the mirror feeds them to its planner. After every
+write the plan must be the full pass over the mirror's own copy. Also: agents sharing one mirror
+share its watch until the last of them closes it."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetd.agent.mirror import Mirror
+from fleetd.fake_registry import FakeRegistry
+from fleetd.model import DesiredState, Machine
+from fleetd.placement import claim_guards, plan_placements
+from fleetd.snapshot import UnitRecord
+from fleetd.unitfile import content_hash
+
+NAMES = [f"web@{i}.service" for i in range(1, 7)] + ["db.service", "cache.service"]
+XFLEET = ["", "Conflicts=web@*.service", "MachineOf=db.service", "MaxPerZone=1", "Spread=machine"]
+
+
+def text(xfleet: str) -> str:
+    body = "[Service]\nExecStart=/bin/sleep 100\n"
+    return body + (f"\n[X-Fleet]\n{xfleet}\n" if xfleet else "")
+
+
+steps = st.one_of(
+    st.tuples(st.just("submit"), st.sampled_from(NAMES), st.sampled_from(XFLEET)),
+    st.tuples(st.just("claim"), st.integers(0, 7), st.integers(0, 3)),
+    st.tuples(st.just("claim"), st.integers(0, 7), st.integers(0, 3)),
+    st.tuples(st.just("release"), st.integers(0, 7), st.integers(0, 0)),
+    st.tuples(st.just("stop"), st.sampled_from(NAMES), st.just("")),
+    st.tuples(st.just("destroy"), st.sampled_from(NAMES), st.just("")),
+    st.tuples(st.just("expire"), st.integers(0, 3), st.integers(0, 0)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=st.lists(steps, min_size=1, max_size=30), limit=st.integers(1, 5))
+def test_the_mirror_plan_is_the_full_pass_over_its_copy(
+    script: list[tuple[str, object, object]], limit: int
+) -> None:
+    registry = FakeRegistry()
+    leases = []
+    for i in range(4):
+        lease = registry.grant_lease(10)
+        leases.append(lease)
+        zone = {"zone": f"z{i % 2}"}
+        registry.register_machine(Machine(f"m{i}", metadata=zone, name=f"m{i}"), lease)
+    mirror = Mirror(registry, lambda: None)
+    mirror.sync()
+
+    def check() -> dict[str, object]:
+        snap, plan = mirror.plan(lambda s: limit)
+        assert snap is mirror.copy()
+        assert plan == plan_placements(snap, limit=limit)
+        return dict(plan)
+
+    plan = check()
+    for kind, a, b in script:
+        if kind == "submit":
+            record = UnitRecord(str(a), text(str(b)), content_hash(text(str(b))))
+            registry.write_units([record], DesiredState.LAUNCHED, mirror.copy())
+        elif kind == "claim":
+            ranked = [p for p in plan.values() if p.ranked]  # type: ignore[attr-defined]
+            if ranked:
+                placement = ranked[int(a) % len(ranked)]  # type: ignore[call-overload]
+                rank = int(b) % len(placement.ranked)  # type: ignore[call-overload]
+                _claim(registry, mirror, placement.unit, placement.ranked[rank], leases)
+        elif kind == "release":
+            owned = sorted(mirror.copy().owners.items())
+            if owned:
+                unit, owner = owned[int(a) % len(owned)]  # type: ignore[call-overload]
+                registry.release(unit, owner.machine_id)
+        elif kind == "stop":
+            registry.set_desired([str(a)], DesiredState.INACTIVE)
+        elif kind == "destroy":
+            registry.destroy([str(a)])
+        elif kind == "expire":
+            registry.revoke(leases[int(a)])  # type: ignore[call-overload]
+        plan = check()
+    mirror.close()
+
+
+def _claim(
+    registry: FakeRegistry, mirror: Mirror, unit: str, machine: str, leases: list[int]
+) -> None:
+    snap = mirror.copy()
+    desired = snap.desired.get(unit)
+    registry.claim(
+        unit,
+        machine,
+        leases[int(machine[1:])],
+        snap.revision,
+        desired.revision if desired else 0,
+        claim_guards(snap, unit),
+    )
+
+
+def test_agents_sharing_a_mirror_keep_its_watch_until_the_last_closes_it() -> None:
+    registry = FakeRegistry()
+    woken: list[str] = []
+    mirror = Mirror(registry, lambda: woken.append("first"))
+    mirror.share(lambda: woken.append("second"))
+    mirror.sync()
+    woken.clear()
+    lease = registry.grant_lease(10)
+    registry.register_machine(Machine("m1"), lease)
+    assert woken == ["first", "second"]
+    assert "m1" in mirror.copy().machines
+    mirror.close()
+    registry.register_machine(Machine("m2"), lease)
+    assert "m2" in mirror.copy().machines
+    mirror.close()
+    registry.register_machine(Machine("m3"), lease)
+    assert "m3" not in mirror.copy().machines

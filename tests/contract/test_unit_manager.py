@@ -515,7 +515,7 @@ def test_a_file_systemd_never_linked_is_not_reported_loaded(user_manager, tmp_pa
 @requires_real_manager
 def test_calls_to_a_hung_manager_time_out(tmp_path: Path) -> None:
     """A manager that does not answer (SIGSTOP) turns into a SystemdError within the timeout."""
-    with running_manager("hung", tmp_path / "hung") as handle:
+    with running_manager("h", tmp_path / "h") as handle:
         manager = DbusUnitManager(
             tmp_path / "units", user=True, bus_address=handle.bus_address, timeout=1.0
         )

@@ -26,9 +26,9 @@ from collections.abc import Callable, Hashable, Mapping
 from fleetd import __version__
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
-from fleetd.model import DesiredState, Machine, PublishedState, SystemdState
+from fleetd.model import Machine, PublishedState, SystemdState
 from fleetd.placement import Placement, View, claim_guards, plan_placements
-from fleetd.planner import Task, TaskKind, plan_claims, plan_local
+from fleetd.planner import Task, TaskKind, plan_claims, plan_local, still_started
 from fleetd.ports import UnitManager
 from fleetd.registry import EtcdRegistry, WatchEvent
 from fleetd.sdnotify import Notifier
@@ -378,16 +378,12 @@ class Agent:
         return self._lease
 
     def _act(self, snap: Snapshot) -> None:
-        # "Started already" only holds while the operator keeps asking for launched: after a
-        # stop (even of a unit that had failed and so needed no StopUnit) a new start must
-        # start it again.
-        self._started = {
-            (name, digest)
-            for name, digest in self._started
-            if snap.desired_state(name) is DesiredState.LAUNCHED
-        }
         loaded = self.manager.loaded_units()
         states = self.manager.states(loaded)
+        # "Started already" only holds while the operator keeps asking for launched (or the
+        # stop a drop to loaded needs is still to be done): after a stop, even of a unit that
+        # had failed and so needed no StopUnit, a new start must start it again.
+        self._started = set(still_started(snap, states, frozenset(self._started)))
         tasks = plan_local(snap, self.me, View(snap), loaded, states, frozenset(self._started))
         for task in tasks:
             if self._fenced:

@@ -10,6 +10,10 @@ behaviour it mirrors, as measured on systemd 252:
   started with until it is restarted.
 * Units that are inactive and not failed are forgotten at once (systemd's garbage collection), so
   they are read afresh from disk the next time they are needed.
+* Dependencies, as far as fleet's units use them: loading a unit with an [Install] section
+  enables it, so the units named by its WantedBy=/RequiredBy= pull it in when they start (after a
+  reload, as the .wants links systemd reads); Wants=/Requires=/BindsTo= in [Unit] pull in too, and
+  stopping a unit stops the active units that have it in BindsTo=, Requires= or PartOf=.
 * Nothing runs: what a started unit does is decided by `outcome`, by default from its ExecStart
   line (`/bin/false` or `exit N` with N != 0 fails; `/bin/true` or `exit 0` finishes; anything
   else keeps running).
@@ -17,14 +21,15 @@ behaviour it mirrors, as measured on systemd 252:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.errors import InvalidUnitFile, InvalidUnitName, SystemdError
 from fleetd.model import SystemdState
-from fleetd.unitfile import content_hash, has_section
+from fleetd.unitfile import content_hash, has_section, parse_unit_file
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
@@ -68,6 +73,20 @@ class _Unit:
     sub: str = "dead"
     file_missing: bool = False  # the file vanished while the unit was active
     running_text: str | None = None  # what the current run was started from
+    wanted_by_links: frozenset[str] = frozenset()  # enabled units whose [Install] names this one
+
+
+# Cached: a stop looks at every active unit, and the scale simulator holds thousands.
+@functools.lru_cache(maxsize=4096)
+def _unit_values(text: str, section: str, keys: tuple[str, ...]) -> frozenset[str]:
+    """Every unit named by the keys of one section (space-separated lists, several lines)."""
+    try:
+        unit = parse_unit_file(text)
+    except InvalidUnitFile:
+        return frozenset()
+    return frozenset(
+        word for key in keys for value in unit.values(section, key) for word in value.split()
+    )
 
 
 class FakeUnitManager:
@@ -94,6 +113,7 @@ class FakeUnitManager:
             if name in self._files:
                 unit.text = self._files[name]
                 unit.file_missing = False
+                unit.wanted_by_links = self._links_to(name)
             else:
                 unit.file_missing = True
         self._collect_garbage()
@@ -105,6 +125,39 @@ class FakeUnitManager:
             raise SystemdError(f"systemd could not start {name}: Unit {name} not found.")
         if unit.active == "active":
             return
+        self._start(unit)
+        # One start job pulls in the whole dependency set; a missing dependency is skipped here
+        # (systemd would fail the job only for Requires=, which fleet's units do not rely on).
+        pending = sorted(self._pulled_in(unit))
+        seen = {name}
+        while pending:
+            other = pending.pop(0)
+            if other in seen:
+                continue
+            seen.add(other)
+            dep = self._get(other)
+            if dep is None or dep.file_missing:
+                continue
+            if dep.active != "active":
+                self._start(dep)
+            pending.extend(sorted(self._pulled_in(dep)))
+        self._collect_garbage()
+
+    def _pulled_in(self, unit: _Unit) -> frozenset[str]:
+        own = _unit_values(unit.text, "Unit", ("Wants", "Requires", "BindsTo"))
+        return own | unit.wanted_by_links
+
+    def _links_to(self, name: str) -> frozenset[str]:
+        """The enabled units whose [Install] WantedBy=/RequiredBy= name `name`: systemd's
+        name.wants/ and name.requires/ links."""
+        return frozenset(
+            other
+            for other in self._enabled
+            if other in self._files
+            and name in _unit_values(self._files[other], "Install", ("WantedBy", "RequiredBy"))
+        )
+
+    def _start(self, unit: _Unit) -> None:
         unit.running_text = unit.text
         outcome = self._outcome(unit.text)
         if outcome is Outcome.RUNS:
@@ -115,17 +168,32 @@ class FakeUnitManager:
             unit.active, unit.sub = "active", "exited"
         else:
             unit.active, unit.sub = "inactive", "dead"
-        self._collect_garbage()
 
     def stop(self, name: str) -> None:
         _check_name(name)
         unit = self._get(name)
         if unit is None:
             raise SystemdError(f"systemd could not stop {name}: Unit {name} not loaded.")
-        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
-        if unit.active == "active":
-            unit.active, unit.sub = "inactive", "dead"
-        unit.running_text = None
+        pending = [name]
+        stopped: set[str] = set()
+        while pending:
+            current = pending.pop(0)
+            if current in stopped:
+                continue
+            stopped.add(current)
+            held = self._memory.get(current)
+            if held is None:
+                continue
+            # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
+            if held.active == "active":
+                held.active, held.sub = "inactive", "dead"
+            held.running_text = None
+            pending.extend(
+                other
+                for other, dep in sorted(self._memory.items())
+                if dep.active == "active"
+                and current in _unit_values(dep.text, "Unit", ("BindsTo", "Requires", "PartOf"))
+            )
         self._collect_garbage()
 
     def unload(self, name: str) -> None:
@@ -167,7 +235,9 @@ class FakeUnitManager:
     def _get(self, name: str) -> _Unit | None:
         unit = self._memory.get(name)
         if unit is None and name in self._files:
-            unit = self._memory[name] = _Unit(text=self._files[name])
+            unit = self._memory[name] = _Unit(
+                text=self._files[name], wanted_by_links=self._links_to(name)
+            )
         return unit
 
     def _collect_garbage(self) -> None:

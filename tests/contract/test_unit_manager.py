@@ -198,6 +198,33 @@ def test_unit_with_install_section_is_enabled_at_runtime(backend: Backend) -> No
     assert backend.manager.unit_file_state(installed) == "not-found"
 
 
+def follower_unit(marker: str, out: Path, leader: str) -> str:
+    """fleet's discovery.service shape: bound to `leader` and enabled into its wants."""
+    return (
+        f"[Unit]\nDescription={marker}\nBindsTo={leader}\n"
+        f"[Service]\nType=simple\nExecStart=/bin/sh -c 'echo {marker} > {out}; "
+        "while :; do sleep 1; done'\n"
+        f"[Install]\nWantedBy={leader}\n"
+    )
+
+
+def test_enabled_unit_starts_and_stops_with_the_unit_that_wants_it(backend: Backend) -> None:
+    # fleet's TestInstallUnit: loading enables the [Install] section, so starting the leader
+    # pulls the follower in, and BindsTo= takes it down with the leader.
+    leader, follower = backend.unit_name("hello"), backend.unit_name("discovery")
+    backend.manager.load(leader, looping_unit("lead", backend.out(leader)))
+    backend.manager.load(follower, follower_unit("follow", backend.out(follower), leader))
+    backend.manager.reload()
+    backend.started.append(follower)
+    assert backend.manager.states([follower])[follower].active == "inactive"
+    backend.start(leader)
+    assert backend.wait_active(leader).active == "active"
+    assert backend.wait_active(follower) == SystemdState("loaded", "active", "running")
+    backend.manager.stop(leader)
+    assert backend.wait_inactive(leader).active == "inactive"
+    assert backend.wait_inactive(follower) == SystemdState("loaded", "inactive", "dead")
+
+
 def test_unit_whose_process_exits_1_fails_and_unload_resets_it(backend: Backend) -> None:
     name = backend.unit_name("fails")
     backend.manager.load(name, FAILING_UNIT)

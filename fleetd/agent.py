@@ -149,6 +149,9 @@ class Agent:
         if self._lease is None:
             self._lease = self.registry.grant_lease(self.config.agent_ttl)
             self._last_keepalive = self.clock()
+            # States published under an earlier lease died with it: publish every one again,
+            # even where systemd's picture is what it was before.
+            self._published.clear()
         if self.registry.register_machine(self.machine(), self._lease):
             self._registered = True
             self._fenced = False

@@ -425,7 +425,6 @@ def test_node_shutdown(fleet: Cluster) -> None:
     assert sorted(m for (m,) in machines) == sorted([fleet.ids["core-02"], fleet.ids["core-03"]])
     # ... its unit's state is withdrawn, the pinned unit goes nowhere else ...
     wait_n_active(fleet, 0)
-    assert fleet.rows("list-units", "unit") == []
     # ... and it no longer runs there.
     assert unit_property(fleet, "core-01", unit, "ActiveState") == "inactive"
     status = fleet.fleetctl("status", unit).stdout

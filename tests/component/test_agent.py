@@ -104,42 +104,6 @@ def test_killed_machine_loses_its_units_when_the_lease_runs_out(harness: Harness
         assert after.owner_of(unit) != victim_id
 
 
-def test_states_are_published_again_under_a_new_lease(harness: Harness) -> None:
-    """A lease that expired (etcd out of reach for longer than the TTL) took the machine's
-    published states with it. The agent joins again with a new lease and must write every state
-    again, also those that read the same as before (fleet's TestSingleNodeConnectivityLoss,
-    after reconnecting)."""
-    start_cluster(harness, 1)
-    # Global units: the agent keeps them loaded throughout, so only a fresh publish restores
-    # their states (an owned unit is re-claimed, unloaded and loaded again, and so re-published).
-    harness.submit({"run.service": unit_text("run", "Global=true")})
-    harness.submit({"park.service": unit_text("park", "Global=true")}, DesiredState.LOADED)
-    node = harness.nodes["m0"]
-    me = node.agent.me
-
-    def both_published(snap: Snapshot) -> bool:
-        run = snap.states.get("run.service", {}).get(me)
-        park = snap.states.get("park.service", {}).get(me)
-        return (
-            me in snap.machines
-            and run is not None
-            and run.active == "active"
-            and park is not None
-            and park.active == "inactive"
-        )
-
-    harness.wait(both_published)
-    client = harness.client()
-    try:
-        lease = node.agent._lease
-        assert lease is not None
-        client.revoke(lease)
-    finally:
-        client.close()
-    harness.wait(lambda snap: not snap.states and me not in snap.machines, timeout=5)
-    harness.wait(both_published)
-
-
 def test_second_agent_with_the_same_machine_id_does_not_join(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from fleetd.model import DesiredState
+from fleetd.snapshot import Snapshot
 from tests.support.agents import Harness, unit_text
 from tests.support.etcd_fixtures import etcd, etcd3, etcd_prefix  # noqa: F401
 from tests.support.proxy import Proxy
@@ -141,3 +142,36 @@ def test_fleetctl_fails_over_to_a_live_etcd_member(etcd3, tmp_path) -> None:  # 
         )
         assert listing.returncode == 0, listing.stderr
         assert listing.stdout.split() == ["ha.service", "launched"]
+
+
+def test_healed_machine_publishes_its_states_again(etcd, etcd_prefix) -> None:  # noqa: F811
+    """Cut off past its TTL, a machine's lease expired and took its published states along;
+    healed, it joins with a new lease and must publish every state again, also those that read
+    as before (global units stay loaded throughout; fleet's TestSingleNodeConnectivityLoss
+    checks the states after reconnecting)."""
+    endpoint = urlsplit(etcd.endpoints[0])
+    proxy = Proxy(endpoint.hostname or "127.0.0.1", endpoint.port or 2379)
+    harness = Harness(list(etcd.endpoints), etcd_prefix, ttl=3.0, stagger=0.2)
+    try:
+        me = harness.add("island", endpoints=[proxy.url]).agent.me
+        harness.submit({"run.service": unit_text("run", "Global=true")})
+        harness.submit({"park.service": unit_text("park", "Global=true")}, DesiredState.LOADED)
+
+        def published(snap: Snapshot) -> bool:
+            run = snap.states.get("run.service", {}).get(me)
+            park = snap.states.get("park.service", {}).get(me)
+            return (
+                run is not None
+                and run.active == "active"
+                and park is not None
+                and park.active == "inactive"
+            )
+
+        harness.wait(published)
+        proxy.cut()
+        harness.wait(lambda s: me not in s.machines and not s.states, timeout=20)
+        proxy.heal()
+        harness.wait(lambda s: me in s.machines and published(s), timeout=20)
+    finally:
+        harness.stop_all()
+        proxy.close()

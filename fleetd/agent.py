@@ -386,7 +386,8 @@ class Agent:
         # "Started already" only holds while the operator keeps asking for launched (or the
         # stop a drop to loaded needs is still to be done): after a stop, even of a unit that
         # had failed and so needed no StopUnit, a new start must start it again.
-        self._started = set(still_started(snap, states, frozenset(self._started)))
+        keep = still_started(snap, states, {name for name, _ in self._started})
+        self._started = {s for s in self._started if s[0] in keep}
         tasks = plan_local(snap, self.me, View(snap), loaded, states, frozenset(self._started))
         for task in tasks:
             if self._fenced:

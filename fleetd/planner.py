@@ -16,7 +16,7 @@ Two plans per round:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetd.model import DesiredState, SystemdState
@@ -98,21 +98,19 @@ def plan_claims(
 
 
 def still_started(
-    snapshot: Snapshot,
-    states: Mapping[str, SystemdState],
-    started: frozenset[tuple[str, str]],
-) -> frozenset[tuple[str, str]]:
-    """The (unit, hash) pairs the agent keeps counting as launched by itself: while the operator
-    asks for launched, and after a drop to loaded until the unit is seen down (so its stop is
-    planned, and retried if it failed). Once forgotten, a later start starts it again."""
+    snapshot: Snapshot, states: Mapping[str, SystemdState], names: Iterable[str]
+) -> frozenset[str]:
+    """Of the units the agent started, those it keeps counting as launched by itself: while the
+    operator asks for launched, and after a drop to loaded until the unit is seen down (so its
+    stop is planned, and retried if it failed). Once forgotten, a later start starts it again."""
     kept = set()
-    for name, digest in started:
+    for name in names:
         desired = snapshot.desired_state(name)
         state = states.get(name)
         if desired is DesiredState.LAUNCHED or (
             desired is DesiredState.LOADED and state is not None and state.active in ACTIVE_STATES
         ):
-            kept.add((name, digest))
+            kept.add(name)
     return frozenset(kept)
 
 

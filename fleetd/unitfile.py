@@ -390,7 +390,8 @@ def parse_requirements(unit: UnitFile, name: str) -> Requirements:
 # A template's %i has no value yet. fleet accepts `MachineMetadata=hostname=%i` in a template and
 # matches each instance's expanded value, so a template is checked as one would-be instance with
 # this stand-in (made only of characters valid in unit names, machine ids and metadata) and any
-# message names %i again.
+# message names %i again. The requirements returned are the stand-in's: a template is never
+# placed, only its instances are, each with its own values.
 _STAND_IN_INSTANCE = "fleet-instance-stand-in"
 
 

@@ -125,39 +125,6 @@ class FakeUnitManager:
             raise SystemdError(f"systemd could not start {name}: Unit {name} not found.")
         if unit.active == "active":
             return
-        self._start(unit)
-        # One start job pulls in the whole dependency set; a missing dependency is skipped here
-        # (systemd would fail the job only for Requires=, which fleet's units do not rely on).
-        pending = sorted(self._pulled_in(unit))
-        seen = {name}
-        while pending:
-            other = pending.pop(0)
-            if other in seen:
-                continue
-            seen.add(other)
-            dep = self._get(other)
-            if dep is None or dep.file_missing:
-                continue
-            if dep.active != "active":
-                self._start(dep)
-            pending.extend(sorted(self._pulled_in(dep)))
-        self._collect_garbage()
-
-    def _pulled_in(self, unit: _Unit) -> frozenset[str]:
-        own = _unit_values(unit.text, "Unit", ("Wants", "Requires", "BindsTo"))
-        return own | unit.wanted_by_links
-
-    def _links_to(self, name: str) -> frozenset[str]:
-        """The enabled units whose [Install] WantedBy=/RequiredBy= name `name`: systemd's
-        name.wants/ and name.requires/ links."""
-        return frozenset(
-            other
-            for other in self._enabled
-            if other in self._files
-            and name in _unit_values(self._files[other], "Install", ("WantedBy", "RequiredBy"))
-        )
-
-    def _start(self, unit: _Unit) -> None:
         unit.running_text = unit.text
         outcome = self._outcome(unit.text)
         if outcome is Outcome.RUNS:
@@ -168,33 +135,47 @@ class FakeUnitManager:
             unit.active, unit.sub = "active", "exited"
         else:
             unit.active, unit.sub = "inactive", "dead"
+        self._start_pulled_in(unit)
+        self._collect_garbage()
 
     def stop(self, name: str) -> None:
         _check_name(name)
         unit = self._get(name)
         if unit is None:
             raise SystemdError(f"systemd could not stop {name}: Unit {name} not loaded.")
-        pending = [name]
-        stopped: set[str] = set()
-        while pending:
-            current = pending.pop(0)
-            if current in stopped:
-                continue
-            stopped.add(current)
-            held = self._memory.get(current)
-            if held is None:
-                continue
-            # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
-            if held.active == "active":
-                held.active, held.sub = "inactive", "dead"
-            held.running_text = None
-            pending.extend(
-                other
-                for other, dep in sorted(self._memory.items())
-                if dep.active == "active"
-                and current in _unit_values(dep.text, "Unit", ("BindsTo", "Requires", "PartOf"))
-            )
+        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
+        if unit.active == "active":
+            unit.active, unit.sub = "inactive", "dead"
+        unit.running_text = None
+        self._stop_bound_to(name)
         self._collect_garbage()
+
+    def _start_pulled_in(self, unit: _Unit) -> None:
+        """One start job pulls in the unit's dependencies: its enabled wanted-by links and its own
+        Wants=/Requires=/BindsTo=. A missing one is skipped (systemd fails the job only for
+        Requires=, which fleet's units do not rely on)."""
+        own = _unit_values(unit.text, "Unit", ("Wants", "Requires", "BindsTo"))
+        for other in sorted(own | unit.wanted_by_links):
+            held = self._get(other)
+            if held is not None and not held.file_missing and held.active != "active":
+                self.start(other)
+
+    def _stop_bound_to(self, name: str) -> None:
+        """Stopping a unit stops the active units bound to it (BindsTo=, Requires=, PartOf=)."""
+        for other, unit in sorted(self._memory.items()):
+            keys = ("BindsTo", "Requires", "PartOf")
+            if unit.active == "active" and name in _unit_values(unit.text, "Unit", keys):
+                self.stop(other)
+
+    def _links_to(self, name: str) -> frozenset[str]:
+        """The enabled units whose [Install] WantedBy=/RequiredBy= name `name`: systemd's
+        name.wants/ and name.requires/ links, read when the unit is read."""
+        return frozenset(
+            other
+            for other in self._enabled
+            if other in self._files
+            and name in _unit_values(self._files[other], "Install", ("WantedBy", "RequiredBy"))
+        )
 
     def unload(self, name: str) -> None:
         _check_name(name)

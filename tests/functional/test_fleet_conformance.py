@@ -470,10 +470,14 @@ def test_shutdown(fleet: Cluster) -> None:
 def test_shutdown_vs_monitor(fleet: Cluster) -> None:
     # fleet stops fleetd while its health monitor restarts it for lack of etcd; ours: SIGTERM
     # while the agent has fenced itself for lack of etcd must still end in a clean exit.
+    unit = f"pin@{fleet.ids['core-03']}.service"
+    fleet.fleetctl("start", FX / unit)
+    assert wait_n_active(fleet, 1) == {unit: ["core-03"]}
     since = log_offset(fleet, "core-03")
     with etcd_paused(fleet):
+        # Fenced: it stopped its unit for lack of etcd.
         wait_until(
-            lambda: "no lease keep-alive" in fleetd_log(fleet, "core-03", since),
+            lambda: unit_property(fleet, "core-03", unit, "ActiveState") != "active",
             AGENT_TTL + SETTLE,
             "core-03 fencing itself",
         )

@@ -73,9 +73,9 @@ class FleetctlGroup(TyperGroup):
 app = typer.Typer(
     cls=FleetctlGroup,
     name="fleetctl",
-    help="fleetctl: manage the units of a fleet cluster.",
+    # The version in the help text, as fleet's `fleetctl help` shows it.
+    help=f"fleetctl: manage the units of a fleet cluster ({version.version_line()}).",
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -87,7 +87,14 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+def _show_help(ctx: Any) -> None:
+    # Typer's rich help prints itself and returns ""; plain click returns the text.
+    text = ctx.get_help()
+    if text:
+        output.echo(text)
+
+
+@app.callback(invoke_without_command=True)
 def root(
     ctx: typer.Context,
     endpoint: Annotated[
@@ -187,6 +194,29 @@ def root(
         )
     if request_timeout <= 0:
         raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
+    if ctx.invoked_subcommand is None:
+        # Bare `fleetctl` shows the help and succeeds, as fleet's does.
+        _show_help(ctx)
+        raise typer.Exit(0)
+
+
+@app.command("help")
+def help_command(
+    ctx: typer.Context,
+    command: Annotated[str | None, typer.Argument(help="A command to show the help of.")] = None,
+) -> None:
+    """Show the help of fleetctl, or of one command."""
+    parent = ctx.parent
+    assert parent is not None
+    if command is None:
+        _show_help(parent)
+        return
+    group = parent.command
+    assert isinstance(group, TyperGroup)
+    found = group.get_command(parent, command)
+    if found is None:
+        raise FleetError(f"no command {command!r}: `fleetctl help` lists the commands")
+    _show_help(typer.Context(found, info_name=command, parent=parent))
 
 
 def _truth(option: str, value: str) -> bool:

@@ -10,6 +10,10 @@ behaviour it mirrors, as measured on systemd 252:
   started with until it is restarted.
 * Units that are inactive and not failed are forgotten at once (systemd's garbage collection), so
   they are read afresh from disk the next time they are needed.
+* Dependencies, as far as fleet's units use them: loading a unit with an [Install] section
+  enables it, so the units named by its WantedBy=/RequiredBy= pull it in when they start (after a
+  reload, as the .wants links systemd reads); Wants=/Requires=/BindsTo= in [Unit] pull in too, and
+  stopping a unit stops the active units that have it in BindsTo=, Requires= or PartOf=.
 * Nothing runs: what a started unit does is decided by `outcome`, by default from its ExecStart
   line (`/bin/false` or `exit N` with N != 0 fails; `/bin/true` or `exit 0` finishes; anything
   else keeps running).
@@ -28,9 +32,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
-from fleetd.errors import SystemdError
+from fleetd.errors import InvalidUnitFile, SystemdError
 from fleetd.model import SystemdState
-from fleetd.unitfile import content_hash, has_section, parse_unit_name
+from fleetd.unitfile import content_hash, has_section, parse_unit_file, parse_unit_name
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 _R = TypeVar("_R")
@@ -75,7 +79,21 @@ class _Unit:
     sub: str = "dead"
     file_missing: bool = False  # the file vanished while the unit was active
     running_text: str | None = None  # what the current run was started from
+    wanted_by_links: frozenset[str] = frozenset()  # enabled units whose [Install] names this one
     pid: int = 0
+
+
+# Cached: a stop looks at every active unit, and the scale simulator holds thousands.
+@functools.lru_cache(maxsize=4096)
+def _unit_values(text: str, section: str, keys: tuple[str, ...]) -> frozenset[str]:
+    """Every unit named by the keys of one section (space-separated lists, several lines)."""
+    try:
+        unit = parse_unit_file(text)
+    except InvalidUnitFile:
+        return frozenset()
+    return frozenset(
+        word for key in keys for value in unit.values(section, key) for word in value.split()
+    )
 
 
 def _locked(method: Callable[..., _R]) -> Callable[..., _R]:
@@ -128,6 +146,7 @@ class FakeUnitManager:
             if name in self._files:
                 unit.text = self._files[name]
                 unit.file_missing = False
+                unit.wanted_by_links = self._links_to(name)
             else:
                 unit.file_missing = True
         self._collect_garbage()
@@ -153,6 +172,7 @@ class FakeUnitManager:
             unit.active, unit.sub = "active", "exited"
         else:
             unit.active, unit.sub = "inactive", "dead"
+        self._start_pulled_in(unit)
         self._collect_garbage()
 
     @_locked
@@ -173,7 +193,35 @@ class FakeUnitManager:
             unit.active, unit.sub = "inactive", "dead"
             unit.running_text = None
             unit.pid = 0
+        self._stop_bound_to(name)
         self._collect_garbage()
+
+    def _start_pulled_in(self, unit: _Unit) -> None:
+        """One start job pulls in the unit's dependencies: its enabled wanted-by links and its own
+        Wants=/Requires=/BindsTo=. A missing one is skipped (systemd fails the job only for
+        Requires=, which fleet's units do not rely on)."""
+        own = _unit_values(unit.text, "Unit", ("Wants", "Requires", "BindsTo"))
+        for other in sorted(own | unit.wanted_by_links):
+            held = self._get(other)
+            if held is not None and not held.file_missing and held.active != "active":
+                self.start(other)
+
+    def _stop_bound_to(self, name: str) -> None:
+        """Stopping a unit stops the active units bound to it (BindsTo=, Requires=, PartOf=)."""
+        for other, unit in sorted(self._memory.items()):
+            keys = ("BindsTo", "Requires", "PartOf")
+            if unit.active == "active" and name in _unit_values(unit.text, "Unit", keys):
+                self.stop(other)
+
+    def _links_to(self, name: str) -> frozenset[str]:
+        """The enabled units whose [Install] WantedBy=/RequiredBy= name `name`: systemd's
+        name.wants/ and name.requires/ links, read when the unit is read."""
+        return frozenset(
+            other
+            for other in self._enabled
+            if other in self._files
+            and name in _unit_values(self._files[other], "Install", ("WantedBy", "RequiredBy"))
+        )
 
     @_locked
     def finish_stop(self, name: str) -> None:
@@ -184,6 +232,7 @@ class FakeUnitManager:
             unit.active, unit.sub = "inactive", "dead"
             unit.running_text = None
             unit.pid = 0
+            self._stop_bound_to(name)
         self._collect_garbage()
 
     @_locked
@@ -260,7 +309,9 @@ class FakeUnitManager:
     def _get(self, name: str) -> _Unit | None:
         unit = self._memory.get(name)
         if unit is None and name in self._files:
-            unit = self._memory[name] = _Unit(text=self._files[name])
+            unit = self._memory[name] = _Unit(
+                text=self._files[name], wanted_by_links=self._links_to(name)
+            )
         return unit
 
     def _collect_garbage(self) -> None:

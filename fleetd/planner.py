@@ -16,7 +16,7 @@ Two plans per round:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetd.model import DesiredState, SystemdState
@@ -113,6 +113,23 @@ def plan_claims(
 # ------------------------------------------------------------------------------ local state
 
 
+def still_started(
+    snapshot: Snapshot, states: Mapping[str, SystemdState], names: Iterable[str]
+) -> frozenset[str]:
+    """Of the units the agent started, those it keeps counting as launched by itself: while the
+    operator asks for launched, and after a drop to loaded until the unit is seen down (so its
+    stop is planned, and retried if it failed). Once forgotten, a later start starts it again."""
+    kept = set()
+    for name in names:
+        desired = snapshot.desired_state(name)
+        state = states.get(name)
+        if desired is DesiredState.LAUNCHED or (
+            desired is DesiredState.LOADED and state is not None and state.active in ACTIVE_STATES
+        ):
+            kept.add(name)
+    return frozenset(kept)
+
+
 def wanted_units(snapshot: Snapshot, me: str, view: View) -> dict[str, Wanted]:
     """Units this machine should have loaded or running now, and why."""
     wanted: dict[str, Wanted] = {}
@@ -172,7 +189,9 @@ def plan_local(
 
     `loaded` maps the units we wrote to their content hash; `states` is systemd's view of them;
     `started` holds (unit, hash) pairs this agent started already, so a unit that failed is not
-    restarted in a loop (systemd's Restart= is the tool for that).
+    restarted in a loop (systemd's Restart= is the tool for that). As in fleet, only a unit this
+    agent launched is stopped when its desired state drops to loaded: a loaded unit that systemd
+    started as another unit's dependency (its [Install] WantedBy= enabled at load) keeps running.
     """
     wanted = wanted_units(snapshot, me, view)
     releasing = release_reasons(snapshot, me, view)
@@ -202,9 +221,10 @@ def plan_local(
     if unloads or loads:
         tasks.append(Task(TaskKind.RELOAD, "", "unit files changed"))
     changed = {t.unit for t in unloads}
+    launched_here = {name for name, _ in started}
     for name, want in sorted(wanted.items()):
         if want.target is DesiredState.LOADED:
-            if is_active(name) and name not in changed:
+            if name in launched_here and is_active(name) and name not in changed:
                 tasks.append(Task(TaskKind.STOP, name, "desired state is loaded"))
         elif (name, want.record.hash) not in started and (not is_active(name) or name in changed):
             tasks.append(

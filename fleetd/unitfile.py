@@ -395,7 +395,34 @@ def parse_requirements(unit: UnitFile, name: str) -> Requirements:
     warnings, carried in `Requirements.warnings`, never errors: a fleet user's files must load.
     """
     unit_name = parse_unit_name(name)
-    source = name
+    if unit_name.is_template:
+        return _template_requirements(unit, unit_name)
+    return _parse_requirements(unit, unit_name, name)
+
+
+# A template's %i has no value yet. fleet accepts `MachineMetadata=hostname=%i` in a template and
+# matches each instance's expanded value, so a template is checked as one would-be instance with
+# this stand-in (made only of characters valid in unit names, machine ids and metadata) and any
+# message names %i again. The requirements returned are the stand-in's: a template is never
+# placed, only its instances are, each with its own values.
+_STAND_IN_INSTANCE = "fleet-instance-stand-in"
+
+
+def _template_requirements(unit: UnitFile, template: UnitName) -> Requirements:
+    stand_in = UnitName(
+        f"{template.prefix}@{_STAND_IN_INSTANCE}.{template.suffix}",
+        template.prefix,
+        _STAND_IN_INSTANCE,
+        template.suffix,
+    )
+    try:
+        return _parse_requirements(unit, stand_in, template.name)
+    except InvalidUnitFile as exc:
+        raise InvalidUnitFile(str(exc).replace(_STAND_IN_INSTANCE, "%i")) from None
+
+
+def _parse_requirements(unit: UnitFile, unit_name: UnitName, source: str) -> Requirements:
+    name = source
     warnings: list[str] = []
     collected: dict[str, list[str]] = {}
     for option in unit.options:

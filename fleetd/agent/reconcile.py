@@ -17,9 +17,8 @@ from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
 from fleetd.metrics import Metrics, count_by
-from fleetd.model import DesiredState
 from fleetd.placement import Placement, claim_guards
-from fleetd.planner import TaskKind, plan_claims, plan_local
+from fleetd.planner import TaskKind, plan_claims, plan_local, still_started
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import any_glob_match
@@ -136,7 +135,9 @@ class Reconciler:
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
         states = self.manager.states(names) if names else {}
-        launched = {n for n in names if snap.desired_state(n) is DesiredState.LAUNCHED}
+        # Launched by this agent: what the operator wants launched, and what dropped to loaded
+        # but still runs (its stop is due). A loaded unit systemd started as a dependency is not.
+        launched = still_started(snap, states, names)
         started = self.executor.started(launched)
         tasks = plan_local(snap, self.me, view, loaded, states, started)
         # Why each unit is taken down, published with its "deactivating" state.

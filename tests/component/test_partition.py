@@ -147,6 +147,39 @@ def test_fleetctl_fails_over_to_a_live_etcd_member(etcd3, tmp_path) -> None:  # 
         assert listing.stdout.split() == ["ha.service", "launched"]
 
 
+def test_healed_machine_publishes_its_states_again(etcd, etcd_prefix) -> None:  # noqa: F811
+    """Cut off past its TTL, a machine's lease expired and took its published states along;
+    healed, it joins with a new lease and must publish every state again, also those that read
+    as before (global units stay loaded throughout; fleet's TestSingleNodeConnectivityLoss
+    checks the states after reconnecting)."""
+    endpoint = urlsplit(etcd.endpoints[0])
+    proxy = Proxy(endpoint.hostname or "127.0.0.1", endpoint.port or 2379)
+    harness = Harness(list(etcd.endpoints), etcd_prefix, ttl=3.0, stagger=0.2)
+    try:
+        me = harness.add("island", endpoints=[proxy.url]).agent.me
+        harness.submit({"run.service": unit_text("run", "Global=true")})
+        harness.submit({"park.service": unit_text("park", "Global=true")}, DesiredState.LOADED)
+
+        def published(snap: Snapshot) -> bool:
+            run = snap.states.get("run.service", {}).get(me)
+            park = snap.states.get("park.service", {}).get(me)
+            return (
+                run is not None
+                and run.active == "active"
+                and park is not None
+                and park.active == "inactive"
+            )
+
+        harness.wait(published)
+        proxy.cut()
+        harness.wait(lambda s: me not in s.machines and not s.states, timeout=20)
+        proxy.heal()
+        harness.wait(lambda s: me in s.machines and published(s), timeout=20)
+    finally:
+        harness.stop_all()
+        proxy.close()
+
+
 def test_unit_ignoring_sigterm_moved_by_replaces_never_runs_twice(etcd, etcd_prefix) -> None:  # noqa: F811
     """The old machine's stop takes long (the unit ignores SIGTERM): the owner key stays until
     systemd there reports the unit stopped, so the new machine starts it only after."""

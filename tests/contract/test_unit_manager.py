@@ -198,6 +198,33 @@ def test_unit_with_install_section_is_enabled_at_runtime(backend: Backend) -> No
     assert backend.manager.unit_file_state(installed) == "not-found"
 
 
+def follower_unit(marker: str, out: Path, leader: str) -> str:
+    """fleet's discovery.service shape: bound to `leader` and enabled into its wants."""
+    return (
+        f"[Unit]\nDescription={marker}\nBindsTo={leader}\n"
+        f"[Service]\nType=simple\nExecStart=/bin/sh -c 'echo {marker} > {out}; "
+        "while :; do sleep 1; done'\n"
+        f"[Install]\nWantedBy={leader}\n"
+    )
+
+
+def test_enabled_unit_starts_and_stops_with_the_unit_that_wants_it(backend: Backend) -> None:
+    # fleet's TestInstallUnit: loading enables the [Install] section, so starting the leader
+    # pulls the follower in, and BindsTo= takes it down with the leader.
+    leader, follower = backend.unit_name("hello"), backend.unit_name("discovery")
+    backend.manager.load(leader, looping_unit("lead", backend.out(leader)))
+    backend.manager.load(follower, follower_unit("follow", backend.out(follower), leader))
+    backend.manager.reload()
+    backend.started.append(follower)
+    assert backend.manager.states([follower])[follower].active == "inactive"
+    backend.start(leader)
+    assert backend.wait_active(leader).active == "active"
+    assert backend.wait_active(follower) == SystemdState("loaded", "active", "running")
+    backend.manager.stop(leader)
+    assert backend.wait_inactive(leader).active == "inactive"
+    assert backend.wait_inactive(follower) == SystemdState("loaded", "inactive", "dead")
+
+
 def test_unit_whose_process_exits_1_fails_and_unload_resets_it(backend: Backend) -> None:
     name = backend.unit_name("fails")
     backend.manager.load(name, FAILING_UNIT)
@@ -439,9 +466,10 @@ def test_every_name_the_validator_accepts_runs(backend: Backend, stem: str) -> N
 
 def test_kill_ends_a_unit_that_ignores_sigterm(backend: Backend) -> None:
     name = backend.unit_name("stubborn")
+    armed = backend.workdir / f"{name}.armed"
     text = (
         "[Service]\nTimeoutStopSec=60\n"
-        "ExecStart=/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.2; done'\n"
+        f"ExecStart=/bin/sh -c 'trap \"\" TERM; touch {armed}; while :; do sleep 0.2; done'\n"
     )
     backend.manager.load(name, text)
     backend.manager.reload()
@@ -449,6 +477,13 @@ def test_kill_ends_a_unit_that_ignores_sigterm(backend: Backend) -> None:
     backend.wait_active(name)
     if isinstance(backend.manager, FakeUnitManager):
         backend.manager.slow_stop.add(name)
+    else:
+        # systemd reports a simple service active once it forked: a SIGTERM before the shell
+        # set its trap would end it at once, which is not the case under test.
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while not armed.exists():
+            assert time.monotonic() < deadline, "the unit never set its SIGTERM trap"
+            time.sleep(0.02)
     backend.manager.stop(name)
     assert backend.wait_state(name, lambda s: s.active == "deactivating").active == "deactivating"
     started = time.monotonic()

@@ -74,6 +74,35 @@ def test_version() -> None:
     assert run("--version").stdout == f"fleetctl version {__version__}\n"
 
 
+def test_help_in_every_spelling_succeeds_and_shows_the_version() -> None:
+    # fleet's TestClientHelpFlag and TestClientVersionHelpOutput.
+    outputs = {}
+    for args in (["--help"], ["-h"], ["help"], []):
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage: fleetctl" in result.stdout, args
+        assert "list-unit-files" in result.stdout, args
+        outputs[" ".join(args)] = result.stdout
+    assert outputs["--help"] == outputs["-h"]
+    assert outputs["help"] == outputs[""]
+    assert f"fleetctl version {__version__}" in outputs["help"]
+
+
+def test_help_of_one_command() -> None:
+    result = run("help", "start")
+    assert result.exit_code == 0, result.output
+    assert "Usage: fleetctl start" in result.stdout
+    assert "--no-block" in result.stdout
+
+
+def test_help_of_an_unknown_command_is_one_line() -> None:
+    result = run("help", "nosuch")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "fleetctl: no command 'nosuch': `fleetctl help` lists the commands"
+    ]
+
+
 def test_global_options_and_their_environment_variables(fake: FakeRegistry) -> None:
     env = {"FLEETCTL_ETCD_KEY_PREFIX": "/other/", "FLEETCTL_REQUEST_TIMEOUT": "7.5"}
     result = run("--endpoint", "http://10.0.0.1:2379", "list-machines", env=env)

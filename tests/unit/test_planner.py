@@ -10,7 +10,7 @@ import pytest
 
 from fleetd.model import DesiredState, Machine, Owner, SystemdState
 from fleetd.placement import Placement, View
-from fleetd.planner import BID_DEPTH, Task, TaskKind, plan_claims, plan_local
+from fleetd.planner import BID_DEPTH, Task, TaskKind, plan_claims, plan_local, still_started
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -186,8 +186,38 @@ def test_changed_content_is_stopped_unloaded_loaded_reloaded_started() -> None:
 def test_desired_loaded_stops_an_active_unit_without_reloading() -> None:
     text = body()
     snap = snapshot({"u.service": text}, {"u.service": ME}, {"u.service": DesiredState.LOADED})
-    tasks = local(snap, {"u.service": content_hash(text)}, {"u.service": ACTIVE})
+    launched = frozenset({("u.service", content_hash(text))})
+    tasks = local(snap, {"u.service": content_hash(text)}, {"u.service": ACTIVE}, launched)
     assert [(t.kind, t.reason) for t in tasks] == [(TaskKind.STOP, "desired state is loaded")]
+
+
+def test_desired_loaded_leaves_running_a_unit_systemd_started_as_a_dependency() -> None:
+    # fleet's TestInstallUnit: discovery.service is only loaded, and systemd starts it because
+    # hello.service wants it; fleet stops only what it launched itself.
+    text, name = body(), "discovery.service"
+    snap = snapshot({name: text}, {name: ME}, {name: DesiredState.LOADED})
+    tasks = local(snap, {name: content_hash(text)}, {name: ACTIVE})
+    assert tasks == []
+
+
+@pytest.mark.parametrize(
+    ("desired", "active", "kept"),
+    [
+        (DesiredState.LAUNCHED, "active", True),
+        (DesiredState.LAUNCHED, "failed", True),  # not restarted in a loop
+        (DesiredState.LOADED, "active", True),  # its stop is still to be done (or retried)
+        (DesiredState.LOADED, "failed", False),  # down: a later start starts it again
+        (DesiredState.LOADED, "inactive", False),
+        (DesiredState.INACTIVE, "active", False),
+    ],
+)
+def test_still_started(desired: DesiredState, active: str, kept: bool) -> None:
+    text = body()
+    snap = snapshot({"u.service": text}, {"u.service": ME}, {"u.service": desired})
+    states = {
+        "u.service": SystemdState("loaded", active, "running" if active == "active" else "dead")
+    }
+    assert ("u.service" in still_started(snap, states, ["u.service"])) is kept
 
 
 def test_desired_loaded_only_loads_a_new_unit() -> None:
@@ -329,7 +359,7 @@ def test_mixed_round_keeps_fleets_order() -> None:
         "stray.service": content_hash(body("stray")),
     }
     states = {name: ACTIVE for name in loaded}
-    tasks = local(snap, loaded, states)
+    tasks = local(snap, loaded, states, frozenset({("parked.service", loaded["parked.service"])}))
     kinds = [t.kind for t in tasks]
     assert kinds.count(TaskKind.RELOAD) == 1
     reload_at = kinds.index(TaskKind.RELOAD)

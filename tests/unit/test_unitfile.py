@@ -533,3 +533,45 @@ def test_content_hash_is_the_sha1_of_the_text(text: str) -> None:
 @given(st.text(max_size=100), st.text(min_size=1, max_size=5))
 def test_content_hash_changes_with_the_text(text: str, extra: str) -> None:
     assert content_hash(text) != content_hash(text + extra)
+
+
+# fleet's TestTemplatesWithSpecifiersInMetadata: a template's %i has no value yet, so its
+# instance-dependent values are checked per instance, not refused on the template.
+@pytest.mark.parametrize(
+    "xfleet",
+    [
+        "MachineMetadata=hostname=%i",
+        "MachineID=%i",
+        "MachineOf=db@%i.service",
+        'MachineMetadata="zone=%i" "rack!=r%i"',
+    ],
+)
+def test_template_accepts_values_its_instances_fill_in(xfleet: str) -> None:
+    requirements(xfleet, "metadata@.service")
+
+
+def test_each_instance_of_a_template_gets_its_own_metadata() -> None:
+    for instance in ("core-01", "smoke2"):
+        req = requirements("MachineMetadata=hostname=%i", f"metadata@{instance}.service")
+        assert req.metadata == (MetadataRule("hostname", instance),)
+
+
+@pytest.mark.parametrize(
+    ("xfleet", "fragment"),
+    [
+        # No instance name can make these valid: refused on the template already, naming %i.
+        ("MachineMetadata=%i", "MachineMetadata term '%i' must be key=value"),
+        ("MachineOf=%n", "MachineOf=web@%i.service names the unit itself"),
+        ("MachineOf=%i", "MachineOf=%i"),
+        ("MachineID=%i\nGlobal=true", "MachineID cannot be combined with Global"),
+    ],
+)
+def test_template_values_no_instance_can_fix_are_refused(xfleet: str, fragment: str) -> None:
+    message = refusal(xfleet, "web@.service")
+    assert message.startswith("web@.service: [X-Fleet]"), message
+    assert fragment in message, message
+    assert "stand-in" not in message
+
+
+def test_plain_unit_with_an_empty_instance_value_is_still_refused() -> None:
+    assert "must be key=value" in refusal("MachineMetadata=hostname=%i", "plain.service")

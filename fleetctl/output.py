@@ -303,6 +303,11 @@ def status_block(snapshot: Snapshot, record: UnitRecord, now: float | None = Non
         else:
             lines.append(f"{_key('Loaded')} {state.load}")
             lines.append(f"{_key('Active')} {_active_line(state, now)}")
+            if state.container is not None:
+                lines.append(
+                    f"{_key('Container')} {state.container.short_id} "
+                    f"(image {state.container.image or 'unknown'})"
+                )
         lines.append(f"{_key('Desired')} {desired}")
         lines.append(f"{_key('Hash')} {record.hash}")
         if state is not None and state.hash and state.hash != record.hash:

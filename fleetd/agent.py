@@ -442,7 +442,9 @@ class Agent:
             if last_active != state.active:
                 since = now
             self._since[name] = (state.active, since)
-            current = PublishedState(self.me, state.load, state.active, state.sub, digest, since)
+            current = PublishedState(
+                self.me, state.load, state.active, state.sub, digest, since, state.container
+            )
             if self._published.get(name) != current:
                 self.registry.publish_state(name, current, self._lease)
                 self._published[name] = current

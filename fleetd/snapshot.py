@@ -19,7 +19,7 @@ from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
 from fleetd.keys import KeyLayout, Kind, ParsedKey
-from fleetd.model import DesiredState, Machine, Owner, PublishedState
+from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
 from fleetd.unitfile import Requirements, requirements_for
 
 
@@ -80,15 +80,24 @@ def encode_machine(machine: Machine) -> str:
 
 
 def encode_state(state: PublishedState) -> str:
-    return json.dumps(
-        {
-            "load": state.load,
-            "active": state.active,
-            "sub": state.sub,
-            "hash": state.hash,
-            "since": state.since,
-        }
-    )
+    data: dict[str, Any] = {
+        "load": state.load,
+        "active": state.active,
+        "sub": state.sub,
+        "hash": state.hash,
+        "since": state.since,
+    }
+    if state.container is not None:
+        data["container"] = {"id": state.container.id, "image": state.container.image}
+    return json.dumps(data)
+
+
+def _container(data: Any) -> Container | None:
+    """The optional container of a published state; absent or malformed reads as none (an
+    older agent publishes no such field)."""
+    if not isinstance(data, dict) or not data.get("id"):
+        return None
+    return Container(str(data["id"]), str(data.get("image", "")))
 
 
 def _load(value: bytes | str) -> Any:
@@ -211,4 +220,5 @@ class Snapshot:
                     str(data["sub"]),
                     str(data["hash"]),
                     float(data.get("since", 0.0)),
+                    _container(data.get("container")),
                 )

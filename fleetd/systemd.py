@@ -3,7 +3,9 @@
 Owns the agent's units directory: every unit the agent runs is a file written here, linked into
 the manager at runtime (so nothing survives a reboot that fleet did not ask for again) and, when
 it has an [Install] section, enabled at runtime too. One bus connection and one Manager proxy are
-made per adapter and reused: a fresh proxy introspects the object on every creation.
+made per adapter and reused: a fresh proxy introspects the object on every creation. The state
+of a running unit carries the container it runs, when it follows podman's cidfile convention
+(`fleetd.podman`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from gi.repository import Gio, GLib
 from pydbus import SystemBus, connect
 
 from fleetd.errors import InvalidUnitName, SystemdError
-from fleetd.model import SystemdState
+from fleetd.model import Container, SystemdState
+from fleetd.podman import PodmanProbe, runtime_dir
 from fleetd.unitfile import content_hash, has_section
 
 SYSTEMD_SERVICE = "org.freedesktop.systemd1"
@@ -37,9 +40,14 @@ class DbusUnitManager:
     """A systemd manager (system bus, or a user manager's session bus) driven over D-Bus."""
 
     def __init__(
-        self, units_directory: Path, user: bool = False, bus_address: str | None = None
+        self,
+        units_directory: Path,
+        user: bool = False,
+        bus_address: str | None = None,
+        containers: PodmanProbe | None = None,
     ) -> None:
         self.units_directory = units_directory
+        self.containers = containers or PodmanProbe(runtime_dir(user))
         try:
             if user:
                 address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
@@ -107,8 +115,20 @@ class DbusUnitManager:
             return {}
         label = wanted[0] if len(wanted) == 1 else f"{len(wanted)} units ({wanted[0]}, ...)"
         rows = self._call(label, "read the state of", "ListUnitsByNames", wanted)
-        found = {row[0]: SystemdState(load=row[2], active=row[3], sub=row[4]) for row in rows or []}
+        found = {
+            row[0]: SystemdState(
+                load=row[2], active=row[3], sub=row[4], container=self._container(row[0], row[3])
+            )
+            for row in rows or []
+        }
         return {name: found.get(name, NOT_FOUND) for name in wanted}
+
+    def _container(self, name: str, active: str) -> Container | None:
+        # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
+        # starting one may still hold the previous run's cidfile.
+        if active not in ("active", "reloading"):
+            return None
+        return self.containers.container(name)
 
     def unit_file_state(self, name: str) -> str:
         """systemd's UnitFileState for the unit ("linked-runtime", "enabled-runtime", ...), or

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ SYSTEMD_SERVICE = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+
+# How long `unload` waits for a stop that is still running; systemd's own stop timeouts bound
+# the stop itself, this only bounds how long one round of the agent can be held up by it.
+STOP_WAIT = 30.0
+_BUSY_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
+_JOB_GRACE = 1.0
 
 # D-Bus errors systemd answers with when the unit (or its file) simply is not there; unloading a
 # unit that never got that far is not a failure.
@@ -94,9 +101,30 @@ class DbusUnitManager:
 
     def unload(self, name: str) -> None:
         path = self._path(name)
+        self._wait_stopped(name)
         self._call(name, "disable", "DisableUnitFiles", [name], True, tolerate_absent=True)
         self._call(name, "reset the failed state of", "ResetFailedUnit", name, tolerate_absent=True)
         path.unlink(missing_ok=True)
+
+    def _wait_stopped(self, name: str) -> None:
+        """Wait (bounded) until a stop job of `name` has run to its end.
+
+        The agent queues a stop and unloads in the same round. If the file went away and the
+        manager reloaded while the unit was still deactivating, systemd would drop the commands
+        it had not run yet: a container unit's ExecStopPost (`podman rm`) would never run and
+        its stopped container would stay behind.
+        """
+        start = time.monotonic()
+        while time.monotonic() - start < STOP_WAIT:
+            rows = self._call(name, "read the state of", "ListUnitsByNames", [name])
+            active = rows[0][3] if rows else "inactive"
+            # A job just queued may not have moved the unit out of "active" yet: a short grace
+            # for that, while a running stop ("deactivating") is waited for in full.
+            if active != "deactivating" and (
+                active not in _BUSY_STATES or time.monotonic() - start > _JOB_GRACE
+            ):
+                return
+            time.sleep(0.05)
 
     def loaded_units(self) -> dict[str, str]:
         try:

@@ -4,8 +4,10 @@ fleetctl, each machine a container host of its own (issue 8's acceptance list)."
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -269,3 +271,86 @@ def test_stateful_container_stays_with_its_data(fleet: Cluster) -> None:
     fleet.fleetctl("stop", "counter.service")
     fleet.fleetctl("start", "counter.service")
     assert wait_until(lambda: get(url)) == f"started {count + 1} times on core-01"
+
+
+TWO_MACHINES = """
+[[machine]]
+name = "alpha"
+metadata = { zone = "a" }
+
+[[machine]]
+name = "beta"
+metadata = { zone = "b" }
+"""
+
+
+def cgroups_named(fragment: str) -> list[Path]:
+    """Cgroup directories with `fragment` in their name, in every hierarchy (containers get
+    cgroups in each v1 controller too)."""
+    return [
+        path
+        for top in Path("/sys/fs/cgroup").iterdir()
+        if top.is_dir()
+        for path in top.iterdir()
+        if fragment in path.name
+    ]
+
+
+def mounts_mentioning(text: str) -> list[int]:
+    """Processes whose mount namespace has a mount of a path containing `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "mountinfo").read_text():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_each_machine_is_a_container_host_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    config = tmp_path / "two.toml"
+    config.write_text(TWO_MACHINES)
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp")) / "c", config)
+    try:
+        cluster.up()
+        ips = {m: ip_of(cluster, m) for m in ("alpha", "beta")}
+        for machine in ("alpha", "beta"):
+            assert cluster.ssh(machine, "hostname").stdout.strip() == machine
+            env = cluster.ssh(machine, "cat", "/etc/environment").stdout
+            assert f"COREOS_PUBLIC_IPV4={ips[machine]}\n" in env
+            assert f"ETCDCTL_ENDPOINTS={cluster.endpoint}\n" in env
+            images = cluster.ssh(machine, "podman", "images", "--format", "{{.Repository}}")
+            assert "localhost/fleet-demo" in images.stdout.split()
+            # The same name on both machines: they are separate hosts.
+            run = cluster.ssh(machine, "podman", "run", "-d", "--init", "--name", "same",
+                              IMAGE, "sleep", "600")  # fmt: skip
+            assert run.returncode == 0, run.stderr
+        ids = {m: ps(cluster, m)["same"] for m in ("alpha", "beta")}
+        assert ids["alpha"] != ids["beta"]
+        assert set(ps(cluster, "alpha")) == {"same"}
+        pids = {m: container_pid(cluster, m, "same") for m in ("alpha", "beta")}
+        cgroups = {
+            m: str(json.loads((cluster.dir / "m" / m / "manager.json").read_text())["cgroup"])
+            for m in ("alpha", "beta")
+        }
+        assert f"/{cgroups['alpha']}/" in Path(f"/proc/{pids['alpha']}/cgroup").read_text()
+
+        cluster.kill("alpha")
+        assert not alive(pids["alpha"])
+        assert not processes_mentioning(ids["alpha"])
+        assert not cgroups_named(cgroups["alpha"])
+        assert alive(pids["beta"])
+
+        cluster.lc("destroy")
+        assert not alive(pids["beta"])
+        assert not processes_mentioning(ids["beta"])
+        assert not processes_mentioning(str(cluster.dir))
+        assert not mounts_mentioning(str(cluster.dir))
+        assert not cgroups_named(cgroups["beta"])
+    finally:
+        cluster.close()
+        if cluster.dir.exists():
+            cluster.lc("destroy", check=False)
+        shutil.rmtree(cluster.dir.parent, ignore_errors=True)

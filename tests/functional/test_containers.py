@@ -148,8 +148,8 @@ def test_web_servers_one_per_zone_answer_http_and_move_with_their_sidekick(
     # Power cut of the first web server's machine: nothing of its container is left, and the
     # web server comes back in a container on the other machine of its zone.
     pid = container_pid(fleet, first, "httpd-1")
-    started = time.monotonic()
     fleet.kill(first)
+    started = time.monotonic()  # the power cut is done when the kill command returns
     assert not alive(pid)
     assert not processes_mentioning(cid)
 
@@ -159,7 +159,9 @@ def test_web_servers_one_per_zone_answer_http_and_move_with_their_sidekick(
 
     second = wait_until(moved, AGENT_TTL + SETTLE, "httpd@1 running elsewhere")
     took = time.monotonic() - started
-    print(f"httpd@1 moved {first} -> {second} in {took:.1f}s (agent_ttl {AGENT_TTL:g}s)")
+    # A figure, not a bound (tests/bench/bench_containers.py measures it without polling).
+    print(f"httpd@1 seen on {second} {took:.1f}s after the power cut of {first} (agent_ttl "
+          f"{AGENT_TTL:g}s)")  # fmt: skip
     assert ZONES[second] == ZONES[first]
     assert "httpd-1" in ps(fleet, second)
     assert wait_until(lambda: get(f"http://{ip_of(fleet, second)}/")) == f"httpd@1 on {second}"

@@ -104,6 +104,16 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def container_cgroups(fleet: Cluster, machine: str) -> list[Path]:
+    """Cgroups of containers left under the machine's subtree, in any hierarchy."""
+    handle = json.loads((fleet.dir / "m" / machine / "manager.json").read_text())
+    return [
+        path
+        for top in Path("/sys/fs/cgroup").iterdir()
+        for path in (top / str(handle["cgroup"]) / "containers").glob("libpod-*")
+    ]
+
+
 def etcd_value(fleet: Cluster, key: str) -> str | None:
     """The key as the sidekick wrote it, read with etcdctl as an operator would."""
     proc = subprocess.run(
@@ -175,8 +185,12 @@ def test_web_servers_one_per_zone_answer_http_and_move_with_their_sidekick(
 
     # Stopping the web server stops its sidekick (BindsTo), which withdraws the address, and
     # removes the container; destroy leaves nothing on the machine.
+    moved_cid = ps(fleet, second)["httpd-1"]
+    assert container_cgroups(fleet, second)  # the check below sees them while they exist
     fleet.fleetctl("stop", "httpd@1.service")
     wait_until(lambda: "httpd-1" not in ps(fleet, second, all_=True) or None, what="removed")
+    assert not processes_mentioning(moved_cid)
+    assert not container_cgroups(fleet, second)
     wait_until(
         lambda: etcd_value(fleet, "/services/web/httpd@1") is None or None,
         what="address withdrawn",

@@ -72,6 +72,7 @@ class DbusUnitManager:
 
     def close(self) -> None:
         """Drop the bus connection (only needed when the adapter outlives its use)."""
+        self.containers.close()
         if getattr(self._bus, "autoclose", False):
             with contextlib.suppress(GLib.Error):
                 self._bus.con.close_sync(None)

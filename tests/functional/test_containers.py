@@ -146,11 +146,18 @@ def test_web_servers_one_per_zone_answer_http_and_move_with_their_sidekick(
         page = wait_until(lambda m=machine: get(f"http://{ip_of(fleet, m)}/"), what=unit)
         assert page == f"{unit.removesuffix('.service')} on {machine}"
 
-    # `fleetctl status` shows the container next to the systemd state.
     first = webs["httpd@1.service"]
-    status = fleet.fleetctl("status", "httpd@1.service").stdout
+    # `fleetctl status` shows the container next to the systemd state (the image follows the
+    # id by a round: the agent asks podman for it off its state reads).
     cid = ps(fleet, first)["httpd-1"]
-    assert f"Container: {cid[:12]} (image {IMAGE})" in status, status
+    line = f"Container: {cid[:12]} (image {IMAGE})"
+
+    def shown() -> str | None:
+        text = fleet.fleetctl("status", "httpd@1.service").stdout
+        return text if line in text else None
+
+    status = wait_until(shown, what=line)
+    assert "Active: active (running)" in status
 
     address = f"{ip_of(fleet, first)}:80"
     assert wait_until(lambda: etcd_value(fleet, "/services/web/httpd@1") == address or None)

@@ -1,6 +1,7 @@
 """The container part of a unit's published state: how it travels through the registry (encode,
 then the snapshot's parser), and how the adapter's probe finds it from podman's cidfile with a
-stand-in `podman` executable (no container runtime needed)."""
+stand-in `podman` executable (no container runtime needed; the probe's worker thread is waited
+for with `drain`)."""
 
 from __future__ import annotations
 
@@ -68,24 +69,34 @@ def test_probe_reads_the_cidfile_and_asks_podman_once(tmp_path: Path, fake_podma
     probe = PodmanProbe(tmp_path, podman=str(fake_podman))
     assert probe.container("web.service") is None  # no cidfile: not a container unit
     (tmp_path / "web.service.ctr-id").write_text(CID + "\n")
+    # The id at once; the image once podman has answered, off the caller's thread.
+    assert probe.container("web.service") == Container(CID, "")
+    probe.drain(timeout=10)
     expected = Container(CID, "localhost/fleet-demo:latest")
     assert probe.container("web.service") == expected
     assert probe.container("web.service") == expected
     assert calls(tmp_path) == [f"container inspect --format {{{{.ImageName}}}} {CID}"]
+    probe.close()
 
 
-def test_probe_ignores_a_cidfile_of_a_removed_container(tmp_path: Path, fake_podman: Path) -> None:
+def test_probe_asks_again_when_podman_did_not_answer(tmp_path: Path, fake_podman: Path) -> None:
     probe = PodmanProbe(tmp_path, podman=str(fake_podman))
     (tmp_path / "old.service.ctr-id").write_text("deadbeef")
-    assert probe.container("old.service") is None
-    assert probe.container("old.service") is None
-    assert len(calls(tmp_path)) == 2  # not cached: the next run rewrites the file
+    for _ in range(2):
+        assert probe.container("old.service") == Container("deadbeef", "")
+        probe.drain(timeout=10)
+    assert len(calls(tmp_path)) == 2
     (tmp_path / "empty.service.ctr-id").write_text("")
     assert probe.container("empty.service") is None
+    probe.close()
 
 
 def test_probe_without_podman_stops_asking(tmp_path: Path) -> None:
     probe = PodmanProbe(tmp_path, podman=os.fspath(tmp_path / "no-such-podman"))
     (tmp_path / "web.service.ctr-id").write_text(CID)
-    assert probe.container("web.service") is None
+    assert probe.container("web.service") == Container(CID, "")
+    probe.drain(timeout=10)
+    assert probe.container("web.service") == Container(CID, "")
+    probe.drain(timeout=10)
     assert probe._missing
+    probe.close()

@@ -630,8 +630,15 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         env["FLEETCTL_ENDPOINT"] = ",".join(etcd.endpoints)
     if shutil.which(command[0], path=env.get("PATH")) is None and "/" not in command[0]:
         raise UserError(f"{command[0]}: command not found")
-    # In the machine's namespaces, as a login there would be: its podman, its mounts.
-    return subprocess.run(handle.enter(command, machine.dir), env=env, check=False).returncode
+    # In the machine's namespaces and cgroup, as a login there would be: its podman and mounts,
+    # and a power cut (`kill`) ends the session and whatever it started (conmon of a container
+    # run by hand included). The child moves itself before exec, so nothing it forks escapes.
+    return subprocess.run(
+        handle.enter(command, machine.dir),
+        env=env,
+        check=False,
+        preexec_fn=lambda: handle.add_process(os.getpid()),
+    ).returncode
 
 
 def cmd_add(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ CID = "5210e58a269e" + "f" * 52
 
 
 def published(container: Container | None) -> PublishedState:
-    return PublishedState(M, "loaded", "active", "running", "abc", 1000.0, container)
+    return PublishedState(M, "loaded", "active", "running", "abc", 1000.0, container=container)
 
 
 def parsed(value: str) -> PublishedState | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def run(rounds: int, agent_ttl: float) -> None:
     finally:
         subprocess.run([sys.executable, str(TOOL), "--dir", str(bench.dir), "destroy"],
                        capture_output=True, check=False)  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:

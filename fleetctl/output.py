@@ -333,6 +333,11 @@ def status_block(snapshot: Snapshot, record: UnitRecord, now: float | None = Non
         else:
             lines.append(f"{_key('Loaded')} {state.load}")
             lines.append(f"{_key('Active')} {_active_line(state, now)}")
+        if state is not None and state.container is not None:
+            lines.append(
+                f"{_key('Container')} {state.container.short_id} "
+                f"(image {state.container.image or 'unknown'})"
+            )
         if state is not None and state.active == "deactivating":
             label = machine.label if machine is not None else machine_id[:SHORT_ID]
             why = f": {state.reason}" if state.reason else ""

@@ -47,12 +47,27 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class Container:
+    """The container a running unit keeps (podman's `--cidfile` convention): its full id and the
+    image it was created from, as the runtime names it."""
+
+    id: str
+    image: str
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
 class SystemdState:
-    """systemd's own view of a unit: LoadState / ActiveState / SubState."""
+    """systemd's own view of a unit: LoadState / ActiveState / SubState, and the container the
+    unit runs, when it runs one (read by the unit manager adapter from the container runtime)."""
 
     load: str
     active: str
     sub: str
+    container: Container | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class PublishedState:
     hash: str
     since: float  # epoch seconds of the last ActiveState change seen by the publisher
     reason: str = ""  # why a deactivating unit is being stopped (a move waits for the stop)
+    container: Container | None = None
 
 
 @dataclass(frozen=True)

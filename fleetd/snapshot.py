@@ -18,7 +18,7 @@ from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
 from fleetd.keys import KeyLayout, Kind, ParsedKey
-from fleetd.model import DesiredState, Machine, Owner, PublishedState
+from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
 from fleetd.unitfile import Requirements, parse_unit_name, requirements_for
 
 
@@ -88,7 +88,17 @@ def encode_state(state: PublishedState) -> str:
     }
     if state.reason:
         data["reason"] = state.reason
+    if state.container is not None:
+        data["container"] = {"id": state.container.id, "image": state.container.image}
     return json.dumps(data)
+
+
+def _container(data: Any) -> Container | None:
+    """The optional container of a published state; absent or malformed reads as none (an
+    older agent publishes no such field)."""
+    if not isinstance(data, dict) or not data.get("id"):
+        return None
+    return Container(str(data["id"]), str(data.get("image", "")))
 
 
 def _brief(exc: BaseException) -> str:
@@ -251,4 +261,5 @@ class Snapshot:
                     str(data["hash"]),
                     float(data.get("since", 0.0)),
                     str(data.get("reason", "")),
+                    _container(data.get("container")),
                 )

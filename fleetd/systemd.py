@@ -7,7 +7,8 @@ made per adapter and reused: a fresh proxy introspects the object on every creat
 
 Every call carries a timeout (pydbus passes `timeout=` in seconds to GDBus): a hung manager
 turns into a `SystemdError`, never a blocked agent. The calls fencing depends on (stop, kill,
-state reads) use a shorter one.
+state reads) use a shorter one. The state of a running unit carries the container it runs, when
+it follows podman's cidfile convention (`fleetd.podman`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from pydbus import SystemBus, connect
 
 from fleetd.errors import SystemdError
 from fleetd.model import SystemdState
+from fleetd.podman import PodmanProbe, runtime_dir
 from fleetd.unitfile import content_hash, has_section, parse_unit_name
 
 SYSTEMD_SERVICE = "org.freedesktop.systemd1"
@@ -31,6 +34,7 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+
 
 # D-Bus errors systemd answers with when the unit (or its file) simply is not there; unloading a
 # unit that never got that far is not a failure.
@@ -52,8 +56,10 @@ class DbusUnitManager:
         user: bool = False,
         bus_address: str | None = None,
         timeout: float = 5.0,
+        containers: PodmanProbe | None = None,
     ) -> None:
         self.units_directory = units_directory
+        self.containers = containers or PodmanProbe(runtime_dir(user))
         self.timeout = timeout
         self.fast_timeout = min(1.0, timeout / 5)
         self.user = user
@@ -78,6 +84,7 @@ class DbusUnitManager:
 
     def close(self) -> None:
         """Drop the bus connection (only needed when the adapter outlives its use)."""
+        self.containers.close()
         if getattr(self._bus, "autoclose", False):
             with contextlib.suppress(GLib.Error):
                 self._bus.con.close_sync(None)
@@ -167,7 +174,7 @@ class DbusUnitManager:
         rows = self._call(
             label, "read the state of", "ListUnitsByNames", wanted, timeout=self.fast_timeout
         )
-        found = {row[0]: _state(row) for row in rows or []}
+        found = {row[0]: self._with_container(_state(row), row[0]) for row in rows or []}
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
@@ -201,6 +208,15 @@ class DbusUnitManager:
             if Gio.DBusError.get_remote_error(exc) == "org.freedesktop.systemd1.UnitExists":
                 return  # a guard runs already and watches the same lease file
             raise SystemdError(f"systemd could not start {name}: {_brief(exc)}") from exc
+
+    def _with_container(self, state: SystemdState, name: str) -> SystemdState:
+        # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
+        # starting one may still hold the previous run's cidfile. Reading the cidfile is all
+        # this costs here (see fleetd.podman).
+        if state.active not in ("active", "reloading"):
+            return state
+        container = self.containers.container(name)
+        return state if container is None else replace(state, container=container)
 
     def unit_file_state(self, name: str) -> str:
         """systemd's UnitFileState for the unit ("linked-runtime", "enabled-runtime", ...), or

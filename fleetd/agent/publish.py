@@ -50,7 +50,7 @@ class Publisher:
             self._since[name] = (state.active, since)
             reason = reasons.get(name, "") if state.active == "deactivating" else ""
             current = PublishedState(
-                self.me, state.load, state.active, state.sub, digest, since, reason
+                self.me, state.load, state.active, state.sub, digest, since, reason, state.container
             )
             if self._published.get(name) != current:
                 self.registry.publish_state(name, current, view.lease_id)

@@ -299,7 +299,7 @@ def test_listing_columns_and_flags(fleet: Cluster) -> None:
         short, ip, metadata = line.split()
         machine = by_ip[ip]
         assert short == f"{machine.id[:8]}..."
-        assert metadata == f"region={machine.region},zone={machine.zone}"
+        assert metadata == ",".join(f"{k}={v}" for k, v in sorted(machine.metadata.items()))
     full = fleet.fleetctl("list-machines", "--full", "--no-legend", "--fields", "machine,ip")
     assert sorted(line.split() for line in full.stdout.splitlines()) == sorted(
         [m.id, m.public_ip] for m in snap.machines.values()

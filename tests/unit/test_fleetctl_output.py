@@ -4,11 +4,12 @@ and the tab alignment of fleet's tabwriter."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from fleetctl import output
-from fleetd.model import DesiredState, Machine, Owner, PublishedState
+from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -268,6 +269,17 @@ def test_status_of_an_inactive_unit_gives_one_reason() -> None:
 )
 def test_format_ago(seconds: float, expected: str) -> None:
     assert output.format_ago(seconds) == expected
+
+
+def test_status_of_a_container_unit_shows_its_container() -> None:
+    snap = cluster()
+    snap.states["hello.service"] = {
+        A: replace(state(A, HELLO), container=Container("5210e58a269e" + "f" * 52, "localhost/x:1"))
+    }
+    got = output.status_block(snap, snap.units["hello.service"], now=1042.0).splitlines()
+    assert got[3].startswith("    Active: active (running)")
+    assert got[4] == " Container: 5210e58a269e (image localhost/x:1)"
+    assert got[5] == "   Desired: launched"
 
 
 def test_status_of_a_unit_stopping_for_a_move_says_where_and_why() -> None:

@@ -6,8 +6,10 @@ It owns the cluster directory layout and the lifecycle of each simulated machine
     <dir>/etcd/                etcd data, logs and etcd.json (see localcluster.etcd)
     <dir>/m/<name>/            one machine: machine-id, fleet.toml, fleetd.log, fleetd.json,
                                units/, the systemd user manager's state and journal
-                               (localcluster.manager), ssh/ with its sshd (localcluster.sshd)
+                               (localcluster.manager), its container host set-up
+                               (localcluster.containers), ssh/ with its sshd (localcluster.sshd)
     <dir>/ssh/                 the operator's ssh key and the machines' known_hosts
+    <dir>/images/              the demo container image, shared read-only by every machine
 
 Every verb finds running processes again through these files, so each invocation is short-lived
 and several clusters can live side by side in different directories.
@@ -34,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from localcluster import containers
+from localcluster.containers import ContainerHostError
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
-from localcluster.manager import NSENTER, ManagerError, ManagerHandle, start_manager
+from localcluster.manager import ManagerError, ManagerHandle, cgroup_name, start_manager
 from localcluster.sshd import Sshd, SshdError, generate_key, pick_port, write_known_hosts
 
 PROG = "local-cluster"
@@ -233,12 +237,21 @@ class Machine:
         handle = self.manager()
         return handle is not None and handle.is_running()
 
-    def ensure_manager(self) -> ManagerHandle:
+    def ensure_manager(
+        self, endpoints: Sequence[str], image_store: Path | None = None
+    ) -> ManagerHandle:
+        """The machine's running manager, booted first if need be; with an image store the
+        machine boots as a container host of its own (see localcluster.containers)."""
         handle = self.manager()
         if handle is not None and handle.is_running():
             return handle
         self.dir.mkdir(parents=True, exist_ok=True)
-        return start_manager(self.name, self.dir)
+        setup = None
+        if image_store is not None:
+            setup = containers.prepare_machine(
+                self.dir, cgroup_name(self.name, self.dir), self.ip, endpoints, image_store
+            )
+        return start_manager(self.name, self.dir, setup=setup)
 
     # fleetd
 
@@ -285,8 +298,10 @@ class Machine:
         env.update(handle.env())
         env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("ab") as log:
+            # Inside the machine's namespaces, as on a real host: fleetd sees the machine's
+            # podman (container ids for `fleetctl status`). nsenter execs, so the pid is fleetd's.
             proc = subprocess.Popen(
-                [find_fleetd(), "--config", str(self.config_path)],
+                handle.enter([find_fleetd(), "--config", str(self.config_path)], self.dir),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -463,8 +478,15 @@ def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> 
     before = (registered(etcd.endpoints) or {}) if to_start else {}
     baseline = {m.machine_id: before[m.machine_id] for m in to_start if m.machine_id in before}
 
+    # Built (or found up to date) once per cluster; every machine lists it read-only.
+    image_store = (
+        containers.ensure_image_store(machines[0].cluster.dir)
+        if machines and containers.available()
+        else None
+    )
+
     def boot(machine: Machine) -> None:
-        handle = machine.ensure_manager()
+        handle = machine.ensure_manager(etcd.endpoints, image_store)
         machine.sshd().start(handle)
         if machine in to_start:
             machine.start_fleetd(handle, etcd.endpoints)
@@ -675,11 +697,18 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is not None:
         env["FLEETCTL_ENDPOINT"] = ",".join(etcd.endpoints)
-    if shutil.which(command[0], path=env.get("PATH")) is None:
+    if shutil.which(command[0], path=env.get("PATH")) is None and "/" not in command[0]:
         raise UserError(f"{command[0]}: command not found")
-    # Inside the machine's mount namespace: its /run/systemd, journal and mounts, as over ssh.
-    inside = [NSENTER, "-t", str(handle.pid), "-m", f"--wd={machine.dir}", "--", *command]
-    return subprocess.run(inside, env=env, check=False).returncode
+    # In the machine's namespaces and cgroup, as a login there would be: its /run/systemd,
+    # journal, podman and mounts, and a power cut (`kill`) ends the session and whatever it
+    # started (conmon of a container run by hand included). The child moves itself before exec,
+    # so nothing it forks escapes.
+    return subprocess.run(
+        handle.enter(command, machine.dir),
+        env=env,
+        check=False,
+        preexec_fn=lambda: handle.add_process(os.getpid()),
+    ).returncode
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -876,7 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    except (EtcdError, ManagerError, SshdError) as exc:
+    except (EtcdError, ManagerError, SshdError, ContainerHostError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,9 +2,11 @@
 stopped and killed.
 
 Each manager runs in a private mount namespace (so it can have a /run/systemd/system of its own,
-which makes systemd believe it booted under systemd), with a private XDG runtime dir holding its
+which makes systemd believe it booted under systemd) and UTS namespace (its host name is the
+machine's name, so `%H` in a unit names the machine), with a private XDG runtime dir holding its
 session bus, and in a cgroup subtree of its own: without that, units of the same name on two
-managers share one cgroup and stopping one kills the other's processes.
+managers share one cgroup and stopping one kills the other's processes. A caller may hand in a
+script that sets up more of the namespace (mounts) before systemd starts.
 
 The launch is detached (own session, output to a log file) and described by a JSON file in the
 machine's state dir, so a later process can find the manager again with `ManagerHandle.load`.
@@ -23,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,9 +86,11 @@ _MAX_RUNTIME_DIR = 80
 _LAUNCH_SCRIPT = """
 set -e
 systemd_binary=$1
-journal_dir=$2
-journald_conf=$3
-shift 3
+host_name=$2
+setup=$3
+journal_dir=$4
+journald_conf=$5
+shift 5
 for procs in "$@"; do echo $$ > "$procs"; done
 mkdir -p /run/systemd
 mount -t tmpfs -o mode=755 tmpfs /run/systemd
@@ -96,6 +101,8 @@ if [ -n "$journal_dir" ]; then
     mount --bind "$journal_dir" /var/log/journal
     mount --bind "$journald_conf" /etc/systemd/journald.conf
 fi
+hostname "$host_name"
+if [ -n "$setup" ]; then /bin/sh "$setup"; fi
 exec "$systemd_binary" --user
 """
 
@@ -130,6 +137,15 @@ def cgroup_hierarchies() -> list[Path]:
     if not found:
         raise ManagerError(f"no systemd cgroup hierarchy mounted under {CGROUP_ROOT}")
     return found
+
+
+def all_hierarchies() -> list[Path]:
+    """Every mounted cgroup hierarchy. Containers a machine runs (podman with the cgroupfs
+    manager) get cgroups in each v1 controller hierarchy too, under the machine's cgroup name;
+    cleaning up must reach them all."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]
+    return sorted(sub for sub in CGROUP_ROOT.iterdir() if (sub / "cgroup.procs").exists())
 
 
 def cgroup_name(name: str, state_dir: Path) -> str:
@@ -198,8 +214,16 @@ class ManagerHandle:
             "DBUS_SESSION_BUS_ADDRESS": self.bus_address,
         }
 
+    def enter(self, command: Sequence[str], cwd: Path) -> list[str]:
+        """`command` run inside this machine's mount and UTS namespaces (its podman, its
+        /etc/containers, its host name), starting in `cwd`."""
+        return [NSENTER, "-t", str(self.pid), "--mount", "--uts", f"--wd={cwd}", "--", *command]
+
     def cgroup_dirs(self) -> list[Path]:
         return [h / self.cgroup for h in cgroup_hierarchies()]
+
+    def all_cgroup_dirs(self) -> list[Path]:
+        return [h / self.cgroup for h in all_hierarchies()]
 
     def is_running(self) -> bool:
         """Whether the manager process is alive. A pid recycled by an unrelated process does
@@ -223,7 +247,7 @@ class ManagerHandle:
     def processes(self) -> dict[int, int]:
         """Every live process in the manager's cgroup subtree: pid -> parent pid."""
         found: dict[int, int] = {}
-        for top in self.cgroup_dirs():
+        for top in self.all_cgroup_dirs():
             if not top.is_dir():
                 continue
             for dirpath, _dirs, _files in os.walk(top):
@@ -319,7 +343,7 @@ class ManagerHandle:
             procs.append(str(leaf / "cgroup.procs"))
         full = [
             "/bin/sh", "-c", _ENTER_SCRIPT, "fleet-local-enter", *procs, "--",
-            NSENTER, "-t", str(self.pid), "-m", "--", *argv,
+            NSENTER, "-t", str(self.pid), "--mount", "--uts", "--", *argv,
         ]  # fmt: skip
         return os.posix_spawn(
             "/bin/sh",
@@ -339,7 +363,7 @@ class ManagerHandle:
         The tmpfs on /run/systemd dies with the last process of its mount namespace."""
         if self.processes() or self.is_running():
             self.kill()
-        for top in self.cgroup_dirs():
+        for top in self.all_cgroup_dirs():
             _remove_cgroup_tree(top)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -347,10 +371,17 @@ class ManagerHandle:
 
 
 def start_manager(
-    name: str, state_dir: Path, timeout: float = 10, journal: bool = True
+    name: str,
+    state_dir: Path,
+    timeout: float = 10,
+    journal: bool = True,
+    setup: Path | None = None,
 ) -> ManagerHandle:
     """Launch a detached user manager for machine `name` with its state in `state_dir`, with a
     journald of its own when `journal` is set and this host has systemd-journald.
+
+    `setup`, if given, is a shell script run as root inside the machine's new namespaces just
+    before systemd starts (mounts that make the machine a host of its own).
 
     Returns once the manager answers on its session bus with SystemState running or degraded.
     Raises ManagerError (after cleaning up) if it dies or is not ready within `timeout`.
@@ -386,10 +417,11 @@ def start_manager(
         cgroup=cgroup,
     )
     # Leftovers of a manager that was killed without cleanup would confuse the new one.
-    for top in handle.cgroup_dirs():
+    for top in handle.all_cgroup_dirs():
         if top.is_dir():
             _kill_tree(top)
             _remove_cgroup_tree(top)
+    for top in handle.cgroup_dirs():
         top.mkdir()
         (top / MANAGER_CGROUP).mkdir()
     shutil.rmtree(runtime_dir, ignore_errors=True)
@@ -399,7 +431,7 @@ def start_manager(
         (state_dir / sub).mkdir(exist_ok=True)
     handle.journal = journal and _prepare_journal(state_dir)
 
-    handle.pid = _spawn(handle)
+    handle.pid = _spawn(handle, setup)
     handle.save()
     try:
         _wait_ready(handle, timeout)
@@ -444,11 +476,12 @@ def _manager_env(handle: ManagerHandle) -> dict[str, str]:
     return env
 
 
-def _spawn(handle: ManagerHandle) -> int:
+def _spawn(handle: ManagerHandle, setup: Path | None) -> int:
     log = handle.state_dir / LOG_FILE
     argv = [
-        UNSHARE, "--mount", "--propagation", "private", "--",
-        "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch", SYSTEMD,
+        UNSHARE, "--mount", "--uts", "--propagation", "private", "--",
+        "/bin/sh", "-c", _LAUNCH_SCRIPT, "fleet-local-launch", SYSTEMD, handle.name,
+        str(setup) if setup else "",
         str(handle.state_dir / "journal") if handle.journal else "",
         str(handle.state_dir / "journald.conf"),
         *(str(top / MANAGER_CGROUP / "cgroup.procs") for top in handle.cgroup_dirs()),

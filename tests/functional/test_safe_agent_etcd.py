@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.functional.conftest import SETTLE, Cluster, wait_until
+from conftest import SETTLE, Cluster, wait_until
 
 pytestmark = pytest.mark.functional
 

@@ -222,7 +222,7 @@ def test_failed_unit_is_started_again_after_stop_and_start(harness: Harness) -> 
     try:
         client.set_desired(["f.service"], DesiredState.LOADED)
         # Let the agent see and act on the stop before asking for the start again.
-        wait_until(lambda: node.agent._snapshot.desired_state("f.service") is DesiredState.LOADED)
+        wait_until(lambda: node.agent.mirror.copy().desired_state("f.service") is DesiredState.LOADED)
         rounds = node.manager.reloads
         harness.submit({"g.service": unit_text("g")})
         wait_until(lambda: node.manager.reloads > rounds)

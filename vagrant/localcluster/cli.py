@@ -515,7 +515,9 @@ def require_etcd(state: ClusterState) -> EtcdCluster:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is None:
         raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
-    if not etcd.is_running():
+    # etcd as a whole is brought back (after a reboot, say), but a member killed on purpose with
+    # `etcd-kill` stays down until `etcd-start`: the fault belongs to whoever made it.
+    if not any(etcd.member_running(i) for i in range(len(etcd.members))):
         etcd.ensure_running()
     return etcd
 

@@ -77,8 +77,12 @@ def slow_unit(folder: Path, name: str, xfleet: str = "") -> Path:
 
 
 @contextmanager
-def recorded(fleet: Cluster, grace: float = 10.0) -> Iterator[ClusterHistory]:
-    """Record the scenario; at the end, no violation of the promise may be in its history."""
+def recorded(
+    fleet: Cluster, grace: float = STOP_TIMEOUT + 2 * AGENT_TTL + 5
+) -> Iterator[ClusterHistory]:
+    """Record the scenario; at the end, no violation of the promise may be in its history. An
+    action explains a stop that ends up to `grace` seconds after it: a slow unit's stop takes
+    STOP_TIMEOUT."""
     history = fleet.history().start()
     try:
         yield history

@@ -13,6 +13,7 @@ tests may rely on, on purpose:
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +49,8 @@ class _Lease:
     expires: float
 
 
+_instances = itertools.count(1)
+
 # One write of a transaction: (key, value or None for a delete, lease or 0).
 _Op = tuple[str, bytes | None, int]
 
@@ -57,7 +60,9 @@ class FakeRegistry:
 
     def __init__(self, prefix: str = "/fleet/", clock: Clock = time.monotonic) -> None:
         self.layout = KeyLayout(prefix)
-        self.endpoints = ["fake://registry"]
+        # Unique per instance: agents of one process share placement plans per (endpoints,
+        # prefix, revision), and two fakes reach the same revision numbers.
+        self.endpoints = [f"fake://registry-{next(_instances)}"]
         self.clock = clock
         self.unavailable = False
         self._lock = threading.RLock()

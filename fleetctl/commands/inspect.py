@@ -22,6 +22,8 @@ def status(ctx: typer.Context, units: UnitNames) -> None:
     snapshot = registry(ctx).snapshot()
     records = existing_records(snapshot, names)
     output.table("\n".join(output.status_block(snapshot, record) for record in records))
+    for message in output.refused_messages(snapshot, names):
+        output.warn(message)
 
 
 def register(app: typer.Typer) -> None:

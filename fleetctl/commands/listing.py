@@ -45,6 +45,8 @@ def list_unit_files(
     output.parse_fields(fields, output.UNIT_FILE_FIELDS)
     snapshot = registry(ctx).snapshot()
     output.table(output.unit_files_table(snapshot, fields, full, not no_legend))
+    for message in output.refused_messages(snapshot):
+        output.warn(message)
 
 
 def register(app: typer.Typer) -> None:

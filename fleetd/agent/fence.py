@@ -85,6 +85,8 @@ class Fencer:
         self.epoch = 0  # bumped at each fencing: units started before it are not "started" now
         self._fenced_at: float | None = None
         self._kill_at = 0.0
+        self._deadline = 0.0
+        self._reason = ""
         self._next_pass = 0.0
         self._clear = False  # nothing ran at the last pass
 
@@ -98,11 +100,17 @@ class Fencer:
         view = self.view()
         if view.may_run(now, self.margin):
             if self._fenced_at is not None:
-                log.info("lease renewed: units may run here again")
+                if self._reason.startswith("fenced"):
+                    log.info("lease renewed: units may run here again")
                 self._fenced_at = None
             return max(0.01, view.deadline - self.margin - now)
+        if self._fenced_at is not None and view.deadline != self._deadline:
+            # The lease was renewed (or replaced) and ran short again between two looks: a new
+            # fencing, with its own kill time.
+            self._fenced_at = None
         if self._fenced_at is None:
             self._fenced_at = now
+            self._deadline = view.deadline
             self.epoch += 1
             self._clear = False
             # SIGKILL half a margin before the deadline; with no lease at all (units left by an
@@ -111,19 +119,19 @@ class Fencer:
             self._kill_at = base - self.margin / 2
             self._next_pass = now
             if view.lease_id is None and not view.registered:
-                reason = "no lease: units left from an earlier run of the agent"
+                self._reason = "no lease: left from an earlier run of the agent"
             else:
-                reason = "fenced: the lease could not be renewed and may expire"
-            log.error("%s; stopping every unit here", reason)
+                self._reason = "fenced: the lease could not be renewed and may expire"
+                log.error("%s; stopping every unit here", self._reason)
         if now < self._next_pass or self._clear:
             return self.RETRY
         self._next_pass = now + self.RETRY
         names = list(self.units())
         try:
             if now >= self._kill_at:
-                running = kill_units(self.manager, names, "fenced: still running near the deadline")
+                running = kill_units(self.manager, names, f"{self._reason}; still running")
             else:
-                running = stop_units(self.manager, names, "fenced: the lease may expire")
+                running = stop_units(self.manager, names, self._reason)
         except SystemdError as exc:
             log.error("fencing: systemd did not answer: %s", exc)
             return self.RETRY

@@ -74,6 +74,7 @@ class LeaseFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._failing = False
 
     def save(self, record: LeaseRecord) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -90,9 +91,12 @@ class LeaseFile:
                 )
             )
             os.replace(tmp, self.path)
+            self._failing = False
         except OSError as exc:
-            log.warning("could not keep the lease in %s (a restart will stop units): %s",
-                        self.path, exc)
+            if not self._failing:
+                log.warning("could not keep the lease in %s (a restart will stop units): %s",
+                            self.path, exc)
+            self._failing = True
 
     def load(self) -> LeaseRecord | None:
         try:

@@ -148,13 +148,31 @@ class Agent:
             # A lease left by the previous run keeps its units alive (adopted if etcd still
             # holds it); without one, units still loaded belong to nobody we know of and are
             # stopped before we join (the fencer sees "no lease").
-            self.keeper.restore()
-            self.fencer.tick()
+            self.start_up()
             self._spawn("lease", self._lease_loop)
             self._spawn("fence", self._fence_loop)
             self._reconcile_loop()
         finally:
             self._shutdown()
+
+    def start_up(self) -> None:
+        if self.keeper.restore():
+            # Re-attach before the fencer looks: the successor of a restart is usually close to
+            # the fencing point of the lease it inherits.
+            self.keeper.tick()
+        self.fencer.tick()
+
+    def step(self) -> bool:
+        """One turn of the reconcile loop; True when a unit is still stopping. Deterministic
+        tests drive the agent with this, `keeper.tick()` and `fencer.tick()` and a fake clock."""
+        view = self.keeper.view()
+        if not view.registered:
+            return False
+        if view.lease_id != self._lease_seen:
+            self._joined(view)
+        if self.mirror.needs_sync:
+            self.mirror.sync()
+        return self.reconciler.round()
 
     def _spawn(self, name: str, loop: Callable[[], None]) -> None:
         threading.Thread(target=loop, name=f"{name}-{self.me[:8]}", daemon=True).start()
@@ -194,16 +212,11 @@ class Agent:
             self._progress()
             stopping_units = False
             try:
-                view = self.keeper.view()
-                if not view.registered:
+                if not self.keeper.view().registered:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                if view.lease_id != self._lease_seen:
-                    self._joined(view)
-                if self.mirror.needs_sync:
-                    self.mirror.sync()
-                stopping_units = self.reconciler.round()
+                stopping_units = self.step()
                 backoff = 0.5
             except Exception as exc:
                 if isinstance(exc, RegistryUnavailable | SystemdError):
@@ -262,6 +275,10 @@ class Agent:
         self._stopping.set()
         self._wake.set()
 
+    def shutdown(self) -> None:
+        """The way out `stop()` chose; `run()` calls it, deterministic tests call it directly."""
+        self._shutdown()
+
     def _shutdown(self) -> None:
         self.mirror.close()
         self.notifier.send("STOPPING=1")
@@ -270,6 +287,9 @@ class Agent:
             if mode is ExitMode.DRAIN:
                 self._drain()
             elif mode is ExitMode.RESTART:
+                # One last keep-alive: the successor gets a whole TTL (minus the margin) to
+                # come back and re-attach, counted from now.
+                self._guarded_step("lease", self.keeper.tick)
                 view = self.keeper.view()
                 log.info(
                     "exiting for a restart: units keep running; lease %s stays until a new "

@@ -523,3 +523,16 @@ def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Clust
     assert len(marks) == 5 + 1 + 5
     gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
     assert max(gaps) <= 1.0
+
+
+def test_a_lease_file_of_another_machine_or_boot_is_not_adopted(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    path = cluster.tmp_path / "a" / "lease.json"
+    original = json.loads(path.read_text())
+    assert original["lease_id"] == a.lease().lease_id
+    assert cluster.add("a", join=False).keeper.restore()
+    for field, value in (("machine_id", "f" * 32), ("boot_id", "another-boot")):
+        path.write_text(json.dumps(original | {field: value}))
+        assert not cluster.add("a", join=False).keeper.restore()
+    path.write_text("not json")
+    assert not cluster.add("a", join=False).keeper.restore()

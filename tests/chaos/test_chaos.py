@@ -127,6 +127,11 @@ def test_chaos(fleet: Cluster, unit_dir: Path) -> None:  # noqa: F811
             f"all {len(units)} units running",
         )
         time.sleep(2.0)
+        # Settled, the rules hold that may lag for a moment while units move: MachineOf.
+        where = fleet.where()
+        assert where["app.service"] == where["db.service"], where
+        assert len({where[f"web@{i}.service"] for i in range(1, 4)}) == 3, where
+        assert len({where[f"worker@{i}.service"] for i in range(1, 4)}) == 3, where
     finally:
         history.stop()
     report = history.check(grace=2 * AGENT_TTL + STOP_TIMEOUT + 5)

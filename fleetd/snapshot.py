@@ -19,7 +19,7 @@ from typing import Any
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
 from fleetd.keys import KeyLayout, Kind, ParsedKey
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
-from fleetd.unitfile import Requirements, parse_unit_name, requirements_for
+from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,10 @@ class Snapshot:
             if parsed.kind is Kind.UNIT:
                 if not isinstance(data["text"], str):
                     raise TypeError("unit text is not a string")
+                # The agents compare this hash with the file they wrote: one that is not the
+                # text's own would make the owner reload and restart the unit every round.
+                if str(data["hash"]) != content_hash(data["text"]):
+                    raise ValueError("its hash is not the hash of its text")
                 self.units[name] = UnitRecord(
                     name, data["text"], str(data["hash"]), mod_revision
                 )

@@ -2,7 +2,9 @@
 `systemd --user` manager and one fleetd per machine, built by `vagrant/local-cluster`), fleetctl
 run as a user would run it, and a registry emptied between tests.
 
-A module picks its machines with a `CLUSTER_CONFIG` attribute (default `vagrant/cluster.toml`).
+A module picks its machines with a `CLUSTER_CONFIG` attribute (default `vagrant/cluster.toml`),
+and may set `ETCD_MEMBERS = 3` (then etcd elects quickly: `--fast-elections`) and its own
+`AGENT_TTL`.
 Tests take the function-scoped `fleet` fixture: it hands over the module's cluster with no unit
 in the registry, nothing running and every machine of the cluster file up, and restores that
 state afterwards (machines a test halted or killed come back, machines it added are halted).
@@ -26,6 +28,7 @@ import pytest
 
 from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import Snapshot
+from tests.support.history import ClusterHistory
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "vagrant" / "local-cluster"
@@ -85,6 +88,8 @@ class Cluster:
 
     dir: Path
     config: Path
+    agent_ttl: float = AGENT_TTL
+    etcd_members: int = 1
     endpoint: str = ""
     ids: dict[str, str] = field(default_factory=dict)  # machine name -> machine id
     baseline: list[str] = field(default_factory=list)  # the machines of the cluster file
@@ -110,10 +115,12 @@ class Cluster:
         return proc
 
     def up(self) -> None:
+        extra = ["--etcd-members", "3", "--fast-elections"] if self.etcd_members == 3 else []
         # --ssh-port 0: clusters of parallel runs share the machines' addresses, not a port.
         out = self.lc(
-            "up", "--config", self.config, "--agent-ttl", str(int(AGENT_TTL)), "--ssh-port", "0"
-        ).stdout
+            "up", "--config", self.config, "--agent-ttl", f"{self.agent_ttl:g}",
+            "--ssh-port", "0", *extra,
+        ).stdout  # fmt: skip
         # `up` prints what fleetctl needs (etcd endpoint, ssh user, port, key, known hosts).
         for line in out.splitlines():
             key, sep, value = line.removeprefix("export ").partition("=")
@@ -228,7 +235,17 @@ class Cluster:
     # -- between tests
 
     def reset(self) -> None:
-        """Every baseline machine up, added machines halted, no unit anywhere."""
+        """Every baseline machine up and connected, added machines halted, no unit anywhere."""
+        etcd = json.loads(self.lc("status", "--json").stdout)["etcd"]
+        for index, running in enumerate(etcd["running"]):
+            if not running:
+                self.lc("etcd-start", str(index))
+        status = self.status()
+        for name, machine in status.items():
+            if machine.get("network") == "partitioned":
+                self.lc("heal", name)
+            if machine["fleetd"] == "paused":
+                self.lc("resume", name)
         status = self.status()
         for name, machine in status.items():
             running = machine["fleetd"] == "running" and machine["manager"] == "running"
@@ -239,7 +256,7 @@ class Cluster:
         wanted = {self.ids[n] for n in self.baseline}
         wait_until(
             lambda: set(self.snapshot().machines) == wanted,
-            AGENT_TTL + SETTLE,
+            self.agent_ttl + SETTLE,
             f"exactly {self.baseline} registered",
         )
         names = sorted(self.snapshot().units)
@@ -251,6 +268,10 @@ class Cluster:
             return not (snap.units or snap.owners or snap.states or snap.desired)
 
         wait_until(empty, SETTLE, "registry empty and nothing running")
+
+    def history(self, interval: float = 0.1) -> ClusterHistory:
+        """A recorder of this cluster's history (tests/support/history.py), not yet started."""
+        return ClusterHistory(self.dir, self.endpoint.split(","), interval=interval)
 
     def close(self) -> None:
         if self._registry is not None:
@@ -267,7 +288,12 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         pytest.skip("etcd-server is not installed")
     config = Path(getattr(request.module, "CLUSTER_CONFIG", DEFAULT_CONFIG))
     base = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
-    handle = Cluster(base / "c", config)
+    handle = Cluster(
+        base / "c",
+        config,
+        agent_ttl=float(getattr(request.module, "AGENT_TTL", AGENT_TTL)),
+        etcd_members=int(getattr(request.module, "ETCD_MEMBERS", 1)),
+    )
     try:
         handle.up()
         yield handle

@@ -288,3 +288,86 @@ def test_three_etcd_members_and_default_dir_from_environment(tmp_path: Path) -> 
         )
         shutil.rmtree(base, ignore_errors=True)
     assert not processes_mentioning(str(base))
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie waiting for its parent to reap it is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_fault_verbs(cluster_dir: Path, tmp_path: Path) -> None:
+    """partition/heal, pause/resume, etcd-kill/etcd-start and restart each do what they say,
+    refuse what makes no sense with one line, and destroy leaves no relay behind."""
+    config = tmp_path / "two.toml"
+    config.write_text(TWO_MACHINES)
+    run("up", "--config", config, "--agent-ttl", "3", "--etcd-members", "3", "--fast-elections",
+        "--dir", cluster_dir)  # fmt: skip
+    ids = {name: str(m["machine_id"]) for name, m in status(cluster_dir).items()}
+    for args, fragment in [
+        (("partition", "nope"), "no machine named 'nope'"),
+        (("heal", "alpha"), "alpha is not partitioned"),
+        (("resume", "alpha"), "fleetd of alpha is not paused"),
+        (("etcd-kill", "7"), "no etcd member '7'"),
+        (("etcd-start", "0"), "etcd member 0 is already running"),
+        (("partition", "alpha", "--mode", "sideways"), "invalid choice"),
+    ]:
+        assert fragment in one_line_error(run(*args, "--dir", cluster_dir, check=False))
+
+    # partition: alpha's fleetd loses etcd, so its lease expires; heal: it joins again.
+    run("partition", "alpha", "--dir", cluster_dir)
+    assert status(cluster_dir)["alpha"]["network"] == "partitioned"
+    line = one_line_error(run("partition", "alpha", "--dir", cluster_dir, check=False))
+    assert "already partitioned" in line
+    wait_for(lambda: ids["alpha"] not in machine_keys(cluster_dir), 20)
+    assert ids["beta"] in machine_keys(cluster_dir)
+    run("heal", "alpha", "--dir", cluster_dir)
+    assert status(cluster_dir)["alpha"]["network"] == "connected"
+    wait_for(lambda: ids["alpha"] in machine_keys(cluster_dir), 20)
+
+    # pause: the process is stopped (state T) until resume.
+    pid = json.loads((cluster_dir / "m" / "beta" / "fleetd.json").read_text())["pid"]
+    run("pause", "beta", "--dir", cluster_dir)
+    assert status(cluster_dir)["beta"]["fleetd"] == "paused"
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    assert "already paused" in one_line_error(run("pause", "beta", "--dir", cluster_dir,
+                                                  check=False))  # fmt: skip
+    run("resume", "beta", "--dir", cluster_dir)
+    assert status(cluster_dir)["beta"]["fleetd"] == "running"
+
+    # etcd-kill the leader, then start it again.
+    out = run("etcd-kill", "leader", "--dir", cluster_dir).stdout
+    member = int(out.split()[2])
+    running = json.loads(run("status", "--json", "--dir", cluster_dir).stdout)["etcd"]["running"]
+    assert running.count(False) == 1 and running[member] is False
+    assert "is not running" in one_line_error(run("etcd-kill", str(member), "--dir", cluster_dir,
+                                                  check=False))  # fmt: skip
+    run("etcd-start", str(member), "--dir", cluster_dir)
+    running = json.loads(run("status", "--json", "--dir", cluster_dir).stdout)["etcd"]["running"]
+    assert running == [True, True, True]
+
+    # restart: a new fleetd process, back in the cluster; both ways.
+    for extra in ((), ("--kill",)):
+        before = json.loads((cluster_dir / "m" / "alpha" / "fleetd.json").read_text())["pid"]
+        run("restart", "alpha", *extra, "--dir", cluster_dir)
+        after = json.loads((cluster_dir / "m" / "alpha" / "fleetd.json").read_text())["pid"]
+        assert after != before
+        assert not alive(before)
+        assert status(cluster_dir)["alpha"]["fleetd"] == "running"
+        wait_for(lambda: ids["alpha"] in machine_keys(cluster_dir), 20)
+    run("halt", "alpha", "--dir", cluster_dir)
+    line = one_line_error(run("restart", "alpha", "--dir", cluster_dir, check=False))
+    assert "fleetd of alpha is not running" in line
+
+    relays = [p for p in processes_mentioning(str(cluster_dir)) if b"proxy.py" in
+              Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    assert len(relays) == 2
+    run("partition", "beta", "--dir", cluster_dir)
+    run("destroy", "--dir", cluster_dir)
+    assert not processes_mentioning(str(cluster_dir))

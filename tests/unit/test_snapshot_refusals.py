@@ -45,3 +45,10 @@ def test_a_valid_write_replaces_a_refused_one() -> None:
     # A refused write after a valid one leaves nothing stale behind either.
     assert snap.apply(LAYOUT, "/fleet/desired/a.service", b"nope", 4) is not None
     assert "a.service" not in snap.desired
+
+
+def test_a_unit_whose_hash_is_not_its_text_is_refused() -> None:
+    text = "[Service]\nExecStart=/bin/true\n"
+    value = json.dumps({"name": "a.service", "text": text, "hash": "0" * 40}).encode()
+    reason = Snapshot().apply(LAYOUT, "/fleet/unit/a.service", value, 2)
+    assert reason is not None and "hash" in reason

@@ -8,6 +8,8 @@ It owns the cluster directory layout and the lifecycle of each simulated machine
                                units/, the systemd user manager's state and journal
                                (localcluster.manager), its container host set-up
                                (localcluster.containers), ssh/ with its sshd (localcluster.sshd)
+    <dir>/m/<name>/proxy.*     the machine's network to etcd: a relay process (localcluster.proxy)
+                               with one port per etcd member; fleetd talks to etcd only through it
     <dir>/ssh/                 the operator's ssh key and the machines' known_hosts
     <dir>/images/              the demo container image, shared read-only by every machine
 
@@ -26,11 +28,12 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from localcluster import containers
 from localcluster.containers import ContainerHostError
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
 from localcluster.manager import ManagerError, ManagerHandle, cgroup_name, start_manager
+from localcluster.proxy import MODES
 from localcluster.sshd import Sshd, SshdError, generate_key, pick_port, write_known_hosts
 
 PROG = "local-cluster"
@@ -287,7 +291,9 @@ class Machine:
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start_fleetd(self, handle: ManagerHandle, endpoints: Sequence[str]) -> None:
+    def start_fleetd(
+        self, handle: ManagerHandle, endpoints: Sequence[str], notify_socket: str = ""
+    ) -> None:
         self.write_config(endpoints)
         # fleetd reads FLEET_* variables as configuration: only fleet.toml may configure it.
         env = {
@@ -297,6 +303,9 @@ class Machine:
         }
         env.update(handle.env())
         env["PYTHONUNBUFFERED"] = "1"
+        env.pop("NOTIFY_SOCKET", None)
+        if notify_socket:
+            env["NOTIFY_SOCKET"] = notify_socket
         with self.log_path.open("ab") as log:
             # Inside the machine's namespaces, as on a real host: fleetd sees the machine's
             # podman (container ids for `fleetctl status`). nsenter execs, so the pid is fleetd's.
@@ -318,6 +327,107 @@ class Machine:
             proc.wait()
             raise
 
+    # network: the relay between this machine's fleetd and etcd
+
+    @property
+    def proxy_state_path(self) -> Path:
+        return self.dir / "proxy.json"
+
+    def proxy_state(self) -> dict[str, object] | None:
+        """The relay's own report (pid, ports, mode, seq) if it runs, else None."""
+        try:
+            state = json.loads(self.proxy_state_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or not pid_alive(int(state.get("pid", 0)), "proxy.py"):
+            return None
+        return state
+
+    def ensure_proxy(self, etcd_endpoints: Sequence[str], timeout: float = 10) -> list[str]:
+        """Start the relay if it is not running; return the endpoints fleetd must use."""
+        state = self.proxy_state()
+        if state is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.proxy_state_path.unlink()
+            (self.dir / "proxy.ctl").write_text(json.dumps({"mode": "open", "seq": 0}) + "\n")
+            argv = [
+                sys.executable,
+                str(Path(__file__).with_name("proxy.py")),
+                "--state",
+                str(self.proxy_state_path),
+                "--control",
+                str(self.dir / "proxy.ctl"),
+            ]
+            for endpoint in etcd_endpoints:
+                argv += ["--target", endpoint.removeprefix("http://")]
+            with (self.dir / "proxy.log").open("ab") as log:
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    cwd=self.dir,
+                )
+            deadline = time.monotonic() + timeout
+            while (state := self.proxy_state()) is None:
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"the etcd relay of {self.name} did not start; see {self.dir / 'proxy.log'}"
+                    )
+                time.sleep(0.02)
+        ports = state.get("ports")
+        assert isinstance(ports, list)
+        return [f"http://127.0.0.1:{port}" for port in ports]
+
+    def proxy_mode(self) -> str:
+        state = self.proxy_state()
+        return str(state["mode"]) if state else "down"
+
+    def set_proxy_mode(self, mode: str, timeout: float = 10) -> None:
+        """Hand the relay a new mode and wait until it acknowledged it."""
+        state = self.proxy_state()
+        if state is None:
+            raise UserError(
+                f"the etcd relay of {self.name} is not running; run `{PROG} start {self.name}`"
+            )
+        seq = int(str(state.get("seq", 0))) + 1
+        (self.dir / "proxy.ctl").write_text(json.dumps({"mode": mode, "seq": seq}) + "\n")
+        os.kill(int(str(state["pid"])), signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.proxy_state()
+            if state is not None and int(str(state.get("seq", 0))) >= seq:
+                return
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the etcd relay of {self.name} did not switch to {mode} "
+                    f"within {timeout:.0f}s; see {self.dir / 'proxy.log'}"
+                )
+            time.sleep(0.01)
+
+    def stop_proxy(self) -> None:
+        state = self.proxy_state()
+        if state is None:
+            return
+        pid = int(str(state["pid"]))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_pid_gone(pid, 5, "proxy.py"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def fleetd_paused(self) -> bool:
+        pid = self.fleetd_pid()
+        if not pid_alive(pid, str(self.config_path)):
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
     def stop_fleetd(self, timeout: float = 30) -> bool:
         """SIGTERM fleetd and wait: it stops and releases its units itself. False if it had to
         be killed."""
@@ -327,6 +437,8 @@ class Machine:
             return True
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            # A paused fleetd would hold the SIGTERM until resumed.
+            os.kill(pid, signal.SIGCONT)
         if wait_pid_gone(pid, timeout, marker):
             return True
         with contextlib.suppress(ProcessLookupError):
@@ -441,7 +553,9 @@ def require_etcd(state: ClusterState) -> EtcdCluster:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is None:
         raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
-    if not etcd.is_running():
+    # etcd as a whole is brought back (after a reboot, say), but a member killed on purpose with
+    # `etcd-kill` stays down until `etcd-start`: the fault belongs to whoever made it.
+    if not any(etcd.member_running(i) for i in range(len(etcd.members))):
         etcd.ensure_running()
     return etcd
 
@@ -488,8 +602,9 @@ def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> 
     def boot(machine: Machine) -> None:
         handle = machine.ensure_manager(etcd.endpoints, image_store)
         machine.sshd().start(handle)
+        endpoints = machine.ensure_proxy(etcd.endpoints)
         if machine in to_start:
-            machine.start_fleetd(handle, etcd.endpoints)
+            machine.start_fleetd(handle, endpoints)
 
     # Managers take ~0.2 s each to come up and fleetd spends most of its startup importing:
     # booting machines side by side lets those overlap.
@@ -573,6 +688,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+_NETWORK = {"open": "connected", "down": "no-relay"}
+
+
 def _word(running: bool) -> str:
     return "running" if running else "stopped"
 
@@ -590,8 +708,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "metadata": spec.metadata,
                 "ssh": f"{machine.ip}:{state.ssh_port}",
                 "metrics": machine.metrics_address or None,
-                "fleetd": _word(machine.fleetd_running()),
+                "fleetd": "paused" if machine.fleetd_paused() else _word(machine.fleetd_running()),
                 "manager": _word(machine.manager_running()),
+                "network": _NETWORK.get(machine.proxy_mode(), "partitioned"),
             }
         )
     if args.json:
@@ -616,11 +735,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             _format_metadata(spec.metadata) or "-",
             f"fleetd={r['fleetd']}",
             f"manager={r['manager']}",
+            f"etcd={r['network']}",
         ]
         for r, spec in zip(rows, state.machines, strict=True)
     ]
     if not args.no_legend:
-        table.insert(0, ["MACHINE", "ID", "IP", "METADATA", "FLEETD", "MANAGER"])
+        table.insert(0, ["MACHINE", "ID", "IP", "METADATA", "FLEETD", "MANAGER", "NETWORK"])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -681,6 +801,187 @@ def kill_machine(machine: Machine) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_pid_gone(pid, 5, str(machine.config_path))
+
+
+def _machine(args: argparse.Namespace) -> tuple[ClusterState, Machine]:
+    state = require_cluster(args.dir)
+    return state, Machine(state, state.machine(args.machine))
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        _, machine = _machine(args)
+        mode = machine.proxy_mode()
+        if mode == "down":
+            raise UserError(
+                f"{machine.name} has no etcd relay running; run `{PROG} start {machine.name}` first"
+            )
+        if mode != "open":
+            raise UserError(
+                f"{machine.name} is already partitioned ({mode}); "
+                f"`{PROG} heal {machine.name}` first"
+            )
+        machine.set_proxy_mode(args.mode)
+    print(f"{machine.name}: partitioned from etcd ({args.mode})")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        _, machine = _machine(args)
+        mode = machine.proxy_mode()
+        if mode in ("open", "down"):
+            raise UserError(f"{machine.name} is not partitioned; nothing to heal")
+        machine.set_proxy_mode("open")
+    print(f"{machine.name}: healed")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        _, machine = _machine(args)
+        if not machine.fleetd_running():
+            raise UserError(f"fleetd of {machine.name} is not running; nothing to pause")
+        if machine.fleetd_paused():
+            raise UserError(
+                f"fleetd of {machine.name} is already paused; `{PROG} resume {machine.name}` first"
+            )
+        os.kill(machine.fleetd_pid(), signal.SIGSTOP)
+        _wait_for(lambda: machine.fleetd_paused(), 5, f"fleetd of {machine.name} to stop")
+    print(f"{machine.name}: fleetd paused (SIGSTOP)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        _, machine = _machine(args)
+        if not machine.fleetd_paused():
+            raise UserError(f"fleetd of {machine.name} is not paused; nothing to resume")
+        os.kill(machine.fleetd_pid(), signal.SIGCONT)
+        _wait_for(lambda: not machine.fleetd_paused(), 5, f"fleetd of {machine.name} to continue")
+    print(f"{machine.name}: fleetd resumed (SIGCONT)")
+    return 0
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise UserError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _member(etcd: EtcdCluster, text: str, allow_leader: bool) -> int:
+    if allow_leader and text == "leader":
+        leader = etcd.leader_index()
+        if leader is None:
+            raise UserError("no etcd member reports a leader now; name the member by number")
+        return leader
+    count = len(etcd.members)
+    try:
+        index = int(text)
+    except ValueError:
+        index = -1
+    if not 0 <= index < count:
+        choices = f"0..{count - 1}" + (" or leader" if allow_leader else "")
+        raise UserError(f"no etcd member {text!r}: this cluster has {count} (use {choices})")
+    return index
+
+
+def cmd_etcd_kill(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        etcd = EtcdCluster.load(state.dir / "etcd")
+        if etcd is None:
+            raise UserError(f"no etcd recorded in {state.dir}")
+        index = _member(etcd, args.member, allow_leader=True)
+        if not etcd.member_running(index):
+            raise UserError(
+                f"etcd member {index} is not running; `{PROG} etcd-start {index}` brings it back"
+            )
+        etcd.kill_member(index)
+    print(f"etcd member {index} ({etcd.members[index].name}): killed")
+    return 0
+
+
+def cmd_etcd_start(args: argparse.Namespace) -> int:
+    with locked(args.dir):
+        state = require_cluster(args.dir)
+        etcd = EtcdCluster.load(state.dir / "etcd")
+        if etcd is None:
+            raise UserError(f"no etcd recorded in {state.dir}")
+        index = _member(etcd, args.member, allow_leader=False)
+        if etcd.member_running(index):
+            raise UserError(f"etcd member {index} is already running")
+        etcd.restart_member(index, timeout=args.timeout)
+    print(f"etcd member {index} ({etcd.members[index].name}): started")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Restart fleetd alone: its units keep running for the next fleetd to adopt."""
+    with locked(args.dir):
+        state, machine = _machine(args)
+        handle = machine.manager()
+        if handle is None or not handle.is_running():
+            raise UserError(f"{machine.name} is down; run `{PROG} start {machine.name}`")
+        if not machine.fleetd_running():
+            raise UserError(
+                f"fleetd of {machine.name} is not running; run `{PROG} start {machine.name}`"
+            )
+        etcd = require_etcd(state)
+        pid = machine.fleetd_pid()
+        marker = str(machine.config_path)
+        signal_name = "SIGKILL" if args.kill else "SIGUSR2"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL if args.kill else signal.SIGUSR2)
+            os.kill(pid, signal.SIGCONT)  # a paused fleetd must see the signal now
+        if not wait_pid_gone(pid, args.timeout, marker):
+            raise UserError(
+                f"fleetd of {machine.name} (pid {pid}) did not exit within "
+                f"{args.timeout:.0f}s of {signal_name}; see {machine.log_path}"
+            )
+        if args.down_for > 0:
+            time.sleep(args.down_for)
+        endpoints = machine.ensure_proxy(etcd.endpoints)
+        start_ready(machine, handle, endpoints, args.timeout)
+    how = "killed (SIGKILL)" if args.kill else "stopped for restart (SIGUSR2)"
+    print(f"{machine.name}: fleetd {how} and started again")
+    return 0
+
+
+def start_ready(
+    machine: Machine, handle: ManagerHandle, endpoints: Sequence[str], timeout: float
+) -> None:
+    """Start fleetd and wait for its READY=1 (sd_notify): a restarted fleetd may keep its lease
+    and machine key, so a new registration is no sign that it is up."""
+    path = machine.dir / "notify.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        try:
+            machine.start_fleetd(handle, endpoints, notify_socket=str(path))
+            deadline = time.monotonic() + timeout
+            while True:
+                sock.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    if b"READY=1" in sock.recv(4096).split(b"\n"):
+                        return
+                if not machine.fleetd_running():
+                    raise UserError(
+                        f"fleetd of {machine.name} exited; tail of "
+                        f"{machine.log_path}:\n{machine.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"fleetd of {machine.name} was not ready within "
+                        f"{timeout:.0f}s; tail of {machine.log_path}:\n"
+                        f"{machine.log_tail()}"
+                    )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
@@ -758,6 +1059,11 @@ def destroy(dir: Path, state: ClusterState | None) -> list[str]:
     )
     known = {m.dir for m in machines}
     orphans = [p for p in machine_dirs if p not in known]
+    # Heal first: a partitioned fleetd could not give its units back.
+    for machine in machines:
+        if machine.proxy_mode() not in ("open", "down"):
+            with contextlib.suppress(UserError, OSError):
+                machine.set_proxy_mode("open")
     # SIGTERM every fleetd at once: they stop their units in parallel.
     for machine in machines:
         pid = machine.fleetd_pid()
@@ -775,6 +1081,8 @@ def destroy(dir: Path, state: ClusterState | None) -> list[str]:
                 handle.cleanup()
         except ManagerError as exc:
             problems.append(f"{machine_dir.name}: {exc}")
+    for machine in machines:
+        machine.stop_proxy()
     etcd = EtcdCluster.load(dir / "etcd")
     if etcd is not None:
         etcd.stop()
@@ -869,6 +1177,54 @@ def build_parser() -> argparse.ArgumentParser:
     kill = verbs.add_parser("kill", parents=[dir_opt], help="power-cut a machine")
     kill.add_argument("machine")
     kill.set_defaults(func=cmd_kill)
+
+    partition = verbs.add_parser(
+        "partition", parents=[dir_opt], help="cut a machine's fleetd off from etcd"
+    )
+    partition.add_argument("machine")
+    partition.add_argument(
+        "--mode",
+        choices=[m for m in MODES if m != "open"],
+        default="blackhole",
+        help="new connections: blackhole (accepted, never answered; default) or refuse (reset)",
+    )
+    partition.set_defaults(func=cmd_partition)
+
+    heal = verbs.add_parser("heal", parents=[dir_opt], help="reconnect a partitioned machine")
+    heal.add_argument("machine")
+    heal.set_defaults(func=cmd_heal)
+
+    pause = verbs.add_parser("pause", parents=[dir_opt], help="SIGSTOP a machine's fleetd")
+    pause.add_argument("machine")
+    pause.set_defaults(func=cmd_pause)
+
+    resume = verbs.add_parser("resume", parents=[dir_opt], help="SIGCONT a paused fleetd")
+    resume.add_argument("machine")
+    resume.set_defaults(func=cmd_resume)
+
+    etcd_kill = verbs.add_parser("etcd-kill", parents=[dir_opt], help="SIGKILL an etcd member")
+    etcd_kill.add_argument("member", help="member number (0, 1, 2) or leader")
+    etcd_kill.set_defaults(func=cmd_etcd_kill)
+
+    etcd_start = verbs.add_parser(
+        "etcd-start", parents=[dir_opt], help="start a killed etcd member again"
+    )
+    etcd_start.add_argument("member", help="member number (0, 1, 2)")
+    etcd_start.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+    etcd_start.set_defaults(func=cmd_etcd_start)
+
+    restart = verbs.add_parser(
+        "restart", parents=[dir_opt], help="restart a machine's fleetd, its units untouched"
+    )
+    restart.add_argument("machine")
+    restart.add_argument(
+        "--kill", action="store_true", help="SIGKILL fleetd instead of SIGUSR2 (a crash)"
+    )
+    restart.add_argument(
+        "--down-for", type=float, default=0.0, help="seconds to stay down before starting again"
+    )
+    restart.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+    restart.set_defaults(func=cmd_restart)
 
     ssh = verbs.add_parser("ssh", parents=[dir_opt], help="run a command on a machine")
     ssh.add_argument("machine")

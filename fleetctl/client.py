@@ -37,6 +37,8 @@ class Registry(Protocol):
 
     def clear_move(self, unit: str) -> None: ...
 
+    def lease_ages(self, machine_ids: Iterable[str]) -> dict[str, float]: ...
+
     def close(self) -> None: ...
 
 
@@ -48,6 +50,8 @@ class GlobalOptions:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
     debug: bool = False
     # The client of this invocation, once built.
     connection: Registry | None = field(default=None, repr=False)
@@ -65,6 +69,8 @@ def build_registry(options: GlobalOptions) -> Registry:
         ca_file=options.ca_file,
         cert_file=options.cert_file,
         key_file=options.key_file,
+        username=options.username,
+        password=options.password,
     )
 
 

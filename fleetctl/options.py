@@ -44,8 +44,25 @@ def _fields_help(valid: tuple[str, ...]) -> str:
     return f"Columns to print, comma-separated. Valid fields: {','.join(valid)}."
 
 
-MachineFields = Annotated[str, typer.Option("--fields", help=_fields_help(output.MACHINE_FIELDS))]
+MachineFields = Annotated[
+    str | None,
+    typer.Option(
+        "--fields",
+        help=_fields_help(output.MACHINE_FIELDS)
+        + f" Default {output.DEFAULT_MACHINE_FIELDS}; with --full {output.FULL_MACHINE_FIELDS}.",
+        show_default=False,
+    ),
+]
 UnitFields = Annotated[str, typer.Option("--fields", help=_fields_help(output.UNIT_FIELDS))]
 UnitFileFields = Annotated[
     str, typer.Option("--fields", help=_fields_help(output.UNIT_FILE_FIELDS))
+]
+
+OutputFormat = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output format: table, or json (one document; fields in README, JSON output).",
+    ),
 ]

@@ -27,6 +27,10 @@ class InvalidUnitFile(FleetError):
     """A unit file that does not parse, or whose [X-Fleet] options contradict each other."""
 
 
+class UnitTooLarge(InvalidUnitFile):
+    """A unit file whose stored form would exceed what etcd accepts in one request."""
+
+
 class UnitNotFound(FleetError):
     """The registry holds no unit of that name."""
 
@@ -45,3 +49,11 @@ class RegistryUnavailable(Temporary):
 
 class SystemdError(Temporary):
     """systemd refused or failed an operation over D-Bus."""
+
+
+class AuthError(FleetError):
+    """etcd refused who we are: no credentials where they are required, or wrong ones."""
+
+
+class PermissionDenied(FleetError):
+    """etcd authenticated us but our roles do not allow the request."""

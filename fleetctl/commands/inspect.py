@@ -6,7 +6,7 @@ import typer
 from fleetctl import output
 from fleetctl.client import registry
 from fleetctl.commands.lifecycle import existing_records, unit_names
-from fleetctl.options import UnitName, UnitNames
+from fleetctl.options import OutputFormat, UnitName, UnitNames
 
 
 def cat(ctx: typer.Context, unit: UnitName) -> None:
@@ -16,11 +16,15 @@ def cat(ctx: typer.Context, unit: UnitName) -> None:
     output.raw(record.text)
 
 
-def status(ctx: typer.Context, units: UnitNames) -> None:
+def status(ctx: typer.Context, units: UnitNames, output_format: OutputFormat = "table") -> None:
     """Show what the machines running each unit report, or why no machine runs it."""
+    fmt = output.parse_output(output_format)
     names = unit_names(units)
     snapshot = registry(ctx).snapshot()
     records = existing_records(snapshot, names)
+    if fmt == "json":
+        output.raw(output.document(output.status_document(snapshot, records)))
+        return
     output.table("\n".join(output.status_block(snapshot, record) for record in records))
 
 

@@ -41,6 +41,9 @@ class Harness:
     # scale benchmark fits hundreds of simulated machines in one process.
     shared_client: bool = False
     stagger: float = 0.2
+    # (user, password) of the agents and of `client()` on an etcd with authentication.
+    agent_login: tuple[str, str] | None = None
+    client_login: tuple[str, str] | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
     _shared: EtcdRegistry | None = None
 
@@ -61,7 +64,9 @@ class Harness:
                 self._shared = EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
             registry = self._shared
         else:
-            registry = EtcdRegistry(config.etcd_servers, config.etcd_key_prefix, timeout=3.0)
+            registry = EtcdRegistry(
+                config.etcd_servers, config.etcd_key_prefix, timeout=3.0, **_login(self.agent_login)
+            )
         manager = FakeUnitManager()
         agent = Agent(config, registry, manager, owns_registry=registry is not self._shared)
         thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
@@ -71,7 +76,7 @@ class Harness:
         return node
 
     def client(self) -> EtcdRegistry:
-        return EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
+        return EtcdRegistry(self.endpoints, self.prefix, timeout=3.0, **_login(self.client_login))
 
     def submit(
         self, units: Mapping[str, str], desired: DesiredState = DesiredState.LAUNCHED
@@ -136,6 +141,10 @@ class Harness:
             if node.agent.me == machine_id:
                 return name
         return machine_id
+
+
+def _login(login: tuple[str, str] | None) -> dict[str, str]:
+    return {"username": login[0], "password": login[1]} if login else {}
 
 
 def ids(nodes: Iterable[Node]) -> dict[str, str]:

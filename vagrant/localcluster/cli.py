@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from localcluster import auth
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
 from localcluster.manager import ManagerError, ManagerHandle, start_manager
 
@@ -73,6 +74,8 @@ class ClusterState:
     etcd_members: int
     fast_elections: bool
     machines: list[MachineSpec]
+    # etcd authentication on (`up --auth`): fleetd and fleetctl then log in (localcluster.auth).
+    auth: bool = False
 
     @classmethod
     def load(cls, dir: Path) -> ClusterState | None:
@@ -91,6 +94,7 @@ class ClusterState:
                 MachineSpec(m["name"], int(m["index"]), dict(m["metadata"]))
                 for m in raw["machines"]
             ],
+            auth=bool(raw.get("auth", False)),
         )
 
     def save(self) -> None:
@@ -98,6 +102,7 @@ class ClusterState:
             "agent_ttl": self.agent_ttl,
             "etcd_members": self.etcd_members,
             "fast_elections": self.fast_elections,
+            "auth": self.auth,
             "machines": [
                 {"name": m.name, "index": m.index, "metadata": m.metadata} for m in self.machines
             ],
@@ -245,6 +250,15 @@ class Machine:
             f"agent_ttl = {self.cluster.agent_ttl:g}",
             f"units_directory = {_toml_string(str(units))}",
             "systemd_user = true",
+            *(
+                [
+                    f"etcd_username = {_toml_string(auth.AGENT_USER)}",
+                    "etcd_password_file = "
+                    + _toml_string(str(auth.password_file(self.cluster.dir, auth.AGENT_USER))),
+                ]
+                if self.cluster.auth
+                else []
+            ),
             "",
             "[metadata]",
             *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in self.spec.metadata.items()),
@@ -317,16 +331,23 @@ def find_fleetd() -> str:
 # -- etcd helpers -------------------------------------------------------------------------------
 
 
-def registered(endpoints: Sequence[str]) -> dict[str, int] | None:
+def registered(
+    endpoints: Sequence[str], login: tuple[str, str] | None = None
+) -> dict[str, int] | None:
     """Machine ids present under the key prefix with their keys' mod revisions, or None if no
-    endpoint answered."""
+    endpoint answered. `login` is (user, password) on a cluster with etcd authentication."""
     import pyetcd
+    from pyetcd import etcdrpc
 
     prefix = f"{KEY_PREFIX}machine/"
     for endpoint in endpoints:
         host, _, port = endpoint.removeprefix("http://").partition(":")
         client = pyetcd.client(host=host, port=int(port), timeout=2)
         try:
+            if login is not None:
+                # The token goes in the call metadata: the library's own login needs TLS.
+                request = etcdrpc.AuthenticateRequest(name=login[0], password=login[1])
+                client.metadata = (("token", client.authstub.Authenticate(request, 2).token),)
             found = client.get_prefix(prefix, keys_only=True)
             return {meta.key.decode()[len(prefix) :]: meta.mod_revision for _, meta in found}
         except Exception:  # any failure of this member: ask the next one
@@ -350,8 +371,9 @@ def wait_registered(
     baseline = baseline or {}
     deadline = time.monotonic() + timeout
     pending = {m.machine_id: m for m in machines}
+    login = _viewer_login(machines[0].cluster) if machines else None
     while pending:
-        present = registered(endpoints) or {}
+        present = registered(endpoints, login) or {}
         for machine_id in list(pending):
             if present.get(machine_id, 0) > baseline.get(machine_id, 0):
                 del pending[machine_id]
@@ -408,10 +430,17 @@ def require_etcd(state: ClusterState) -> EtcdCluster:
     return etcd
 
 
+def _viewer_login(state: ClusterState) -> tuple[str, str] | None:
+    if not state.auth:
+        return None
+    return auth.VIEWER_USER, auth.password(state.dir, auth.VIEWER_USER)
+
+
 def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> list[str]:
     """Start what is not running of each machine, then wait for all to register."""
     to_start = [m for m in machines if not m.fleetd_running()]
-    before = (registered(etcd.endpoints) or {}) if to_start else {}
+    login = _viewer_login(machines[0].cluster) if machines else None
+    before = (registered(etcd.endpoints, login) or {}) if to_start else {}
     baseline = {m.machine_id: before[m.machine_id] for m in to_start if m.machine_id in before}
 
     def boot(machine: Machine) -> None:
@@ -444,6 +473,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 etcd_members=args.etcd_members or 1,
                 fast_elections=args.fast_elections,
                 machines=[],
+                auth=args.auth,
             )
             for name, metadata in machines:
                 state.add(name, metadata)
@@ -459,11 +489,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                         state.add(name, metadata)
             if args.agent_ttl is not None:
                 state.agent_ttl = args.agent_ttl
+            if args.auth and not state.auth:
+                raise UserError(f"cluster in {dir} runs without --auth; `destroy` it first")
         state.save()
         t0 = time.monotonic()
         etcd = EtcdCluster.start(
             dir / "etcd", members=state.etcd_members, fast=state.fast_elections
         )
+        if state.auth:
+            auth.setup(etcd.endpoints, dir, KEY_PREFIX)
         machines_ = [Machine(state, spec) for spec in state.machines]
         started = bring_up(machines_, etcd, args.timeout)
         took = time.monotonic() - t0
@@ -471,8 +505,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"cluster up in {dir}: {len(machines_)} machine(s), "
         f"{len(started)} fleetd started, {took:.1f}s"
     )
-    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    print_env(state, etcd)
     return 0
+
+
+def print_env(state: ClusterState, etcd: EtcdCluster) -> None:
+    """The variables fleetctl needs; the endpoint line comes last (scripts read it)."""
+    if state.auth:
+        print(f"export FLEETCTL_USERNAME={auth.ADMIN_USER}")
+        print(f"export FLEETCTL_PASSWORD={auth.password(state.dir, auth.ADMIN_USER)}")
+    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -480,7 +522,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is None:
         raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
-    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    print_env(state, etcd)
     return 0
 
 
@@ -724,6 +766,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-elections",
         action="store_true",
         help="etcd heartbeat 20 ms, election timeout 200 ms (quick failover)",
+    )
+    up.add_argument(
+        "--auth",
+        action="store_true",
+        help="etcd authentication: root, fleet's roles and users, then auth enable "
+        "(passwords in <dir>/auth/)",
     )
     up.set_defaults(func=cmd_up)
 

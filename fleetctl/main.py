@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from fleetctl import output
+from fleetctl import completion, output
 from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
 from fleetctl.commands import inspect, lifecycle, listing, rebalance, version
 from fleetd.errors import AuthError, ConfigError, FleetError, PermissionDenied, RegistryUnavailable
@@ -171,7 +171,7 @@ def root(
         raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
 
 
-for group in (lifecycle, listing, inspect, rebalance, version):
+for group in (lifecycle, listing, inspect, rebalance, version, completion):
     group.register(app)
 
 

@@ -121,7 +121,11 @@ def encode_state(state: PublishedState) -> str:
 
 def _load(value: bytes | str) -> Any:
     text = value.decode() if isinstance(value, bytes) else value
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        # JSON nested deeper than the interpreter's stack: no encoder here writes that.
+        raise ValueError("registry value nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------- snapshot

@@ -51,9 +51,13 @@ class SystemdError(Temporary):
     """systemd refused or failed an operation over D-Bus."""
 
 
-class AuthError(FleetError):
-    """etcd refused who we are: no credentials where they are required, or wrong ones."""
+class AuthError(RegistryUnavailable):
+    """etcd refused who we are: no credentials where they are required, or wrong ones.
+
+    A kind of unavailability: to an agent, a registry that refuses it is one it cannot reach
+    (it retries, and fences itself if it cannot renew its lease); fleetctl names it apart.
+    """
 
 
-class PermissionDenied(FleetError):
-    """etcd authenticated us but our roles do not allow the request."""
+class PermissionDenied(RegistryUnavailable):
+    """etcd authenticated us but our roles do not allow the request (handled like AuthError)."""

@@ -281,6 +281,9 @@ class EtcdRegistry:
             try:
                 with self._calling(doing):
                     return call()
+            except (AuthError, PermissionDenied):
+                # Another endpoint would give the same answer.
+                raise
             except RegistryUnavailable as exc:
                 # The first failure names the real cause; later ones only say that every
                 # endpoint is marked failed.

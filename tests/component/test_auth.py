@@ -191,3 +191,22 @@ def test_a_new_watch_after_the_token_expired_still_sees_events(
     finally:
         agent.close()
         admin.close()
+
+
+def test_an_agent_refused_by_etcd_keeps_retrying_and_never_joins(
+    secured: tuple[EtcdCluster, Path],
+) -> None:
+    cluster, dir = secured
+    harness = Harness(
+        list(cluster.endpoints),
+        PREFIX,
+        agent_login=(auth.AGENT_USER, "wrong-password"),
+        client_login=login(dir, auth.VIEWER_USER),
+    )
+    try:
+        node = harness.add("refused")
+        time.sleep(1.5)
+        assert node.thread.is_alive()
+        assert node.agent.me not in harness.snapshot().machines
+    finally:
+        harness.stop_all()

@@ -64,6 +64,18 @@ def complete_bash(harness: Harness, line: str, cwd: Path = REPO) -> list[str]:
     return proc.stdout.split()
 
 
+def complete_other(harness: Harness, shell: str, line: str) -> str:
+    """zsh's and fish's protocol: the command line so far in _TYPER_COMPLETE_ARGS."""
+    env = env_for(harness, _FLEETCTL_COMPLETE=f"complete_{shell}", _TYPER_COMPLETE_ARGS=line)
+    if shell == "fish":
+        env["_TYPER_COMPLETE_FISH_ACTION"] = "get-args"
+    proc = subprocess.run(
+        FLEETCTL, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_completion_offers_registry_units_and_machines(harness: Harness, tmp_path: Path) -> None:
     node = harness.add("core-01")
     harness.wait(lambda s: len(s.machines) == 1)
@@ -72,6 +84,9 @@ def test_completion_offers_registry_units_and_machines(harness: Harness, tmp_pat
         DesiredState.INACTIVE,
     )
     assert complete_bash(harness, "fleetctl status web") == ["web@1.service", "web@2.service"]
+    assert complete_other(harness, "fish", "fleetctl cat web@") == "web@1.service\nweb@2.service\n"
+    zsh = complete_other(harness, "zsh", "fleetctl stop d")
+    assert zsh.strip() == "_arguments '*: :((\"db.service\"))'"
     assert complete_bash(harness, "fleetctl destroy ") == [
         "db.service", "web@1.service", "web@2.service",
     ]  # fmt: skip

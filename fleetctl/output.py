@@ -308,20 +308,30 @@ def unit_files_table(
     full: bool = False,
     legend: bool = True,
 ) -> str:
+    """One row per unit; a unit the agents refuse (text that does not parse, or a registry key
+    no agent accepts, shown by its key) reads "refused", with the reason as its description."""
     columns = parse_fields(fields, UNIT_FILE_FIELDS)
     rows = []
     for name, record in sorted(snapshot.units.items()):
         global_ = is_global(record)
+        refused = record.invalid_reason
+        state_cell = "-" if global_ else reached_state(snapshot, name)
         rows.append(
             {
                 "unit": name,
                 "global": "true" if global_ else "false",
                 "dstate": snapshot.desired_state(name).value,
-                "state": "-" if global_ else reached_state(snapshot, name),
+                "state": "refused" if refused else state_cell,
                 "target": _target(snapshot, record, full),
                 "hash": format_hash(record.hash, full),
-                "desc": description(record) or "-",
+                "desc": refused or description(record) or "-",
             }
+        )
+    for key, reason in sorted(snapshot.refused.items()):
+        if "/unit/" not in key:
+            continue
+        rows.append(
+            dict.fromkeys(UNIT_FILE_FIELDS, "-") | {"unit": key, "state": "refused", "desc": reason}
         )
     return render(rows, columns, legend)
 
@@ -342,6 +352,20 @@ def unit_files_document(snapshot: Snapshot) -> dict[str, Any]:
             }
         )
     return {"unit_files": entries}
+
+
+def refused_messages(snapshot: Snapshot, names: Sequence[str] | None = None) -> list[str]:
+    """One line per registry entry the agents refuse (all, or those of the named units): what
+    the operator must fix or destroy."""
+    lines = []
+    for name, record in sorted(snapshot.units.items()):
+        reason = record.invalid_reason
+        if reason and (names is None or name in names):
+            lines.append(f"unit {name} is refused by every agent: {reason}")
+    for key, reason in sorted(snapshot.refused.items()):
+        if names is None or any(key.endswith("/" + n) or f"/{n}/" in key for n in names):
+            lines.append(f"registry entry {key} is refused by every agent: {reason}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ status
@@ -413,10 +437,19 @@ def status_block(snapshot: Snapshot, record: UnitRecord, now: float | None = Non
         else:
             lines.append(f"{_key('Loaded')} {state.load}")
             lines.append(f"{_key('Active')} {_active_line(state, now)}")
+        if state is not None and state.active == "deactivating":
+            label = machine.label if machine is not None else machine_id[:SHORT_ID]
+            why = f": {state.reason}" if state.reason else ""
+            lines.append(f"{_key('Moving')} stopping on {label}{why}")
         lines.append(f"{_key('Desired')} {desired}")
         lines.append(f"{_key('Hash')} {record.hash}")
         if state is not None and state.hash and state.hash != record.hash:
             lines.append(f"{_key('Running')} {state.hash} (an older version)")
+        blocks.append("\n".join(lines) + "\n")
+    refused = record.invalid_reason
+    if not blocks and refused:
+        lines = [head, f"{_key('Desired')} {desired}", f"{_key('Hash')} {record.hash}"]
+        lines.append(f"Refused by every agent: {refused}")
         blocks.append("\n".join(lines) + "\n")
     if not blocks:
         lines = [head, f"{_key('Desired')} {desired}", f"{_key('Hash')} {record.hash}"]

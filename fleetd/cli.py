@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, help="fleetd: the fleet agent for one machine.")
 
+# In the runtime directory: the lease a restarted fleetd re-attaches to, and the guard watches.
+LEASE_FILE = "fleetd-lease.json"
+
 
 def _version(value: bool) -> None:
     if value:
@@ -36,6 +39,7 @@ def _version(value: bool) -> None:
 def build_agent(config: Config) -> Agent:
     # Adapters are imported here so that `fleetd --help` and config errors do not need D-Bus.
     from fleetd.agent import Agent
+    from fleetd.agent.lease import LeaseFile
     from fleetd.registry import EtcdRegistry
     from fleetd.sdnotify import Notifier
     from fleetd.systemd import DbusUnitManager
@@ -43,15 +47,34 @@ def build_agent(config: Config) -> Agent:
     registry = EtcdRegistry(
         config.etcd_servers,
         config.etcd_key_prefix,
-        timeout=config.etcd_request_timeout,
+        timeout=config.request_timeout,
         ca_file=config.etcd_cafile,
         cert_file=config.etcd_certfile,
         key_file=config.etcd_keyfile,
         username=config.etcd_username,
         password=config.etcd_password,
     )
-    manager = DbusUnitManager(Path(config.units_directory), user=config.systemd_user)
-    return Agent(config, registry, manager, notifier=Notifier.from_environ(os.environ))
+    manager = DbusUnitManager(
+        Path(config.units_directory), user=config.systemd_user, timeout=config.systemd_timeout
+    )
+    lease_path = Path(config.runtime_dir) / LEASE_FILE
+    guard = [
+        sys.executable, "-m", "fleetd.guard",
+        "--lease-file", str(lease_path),
+        "--units-directory", config.units_directory,
+        "--margin", f"{config.margin:g}",
+        "--timeout", f"{config.systemd_timeout:g}",
+    ]
+    if config.systemd_user:
+        guard.append("--user")
+    return Agent(
+        config,
+        registry,
+        manager,
+        notifier=Notifier.from_environ(os.environ),
+        lease_file=LeaseFile(lease_path),
+        guard_argv=guard,
+    )
 
 
 @app.command()
@@ -77,7 +100,9 @@ def run(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    """Run the agent until SIGTERM."""
+    """Run the agent. SIGTERM/SIGINT: drain (stop the units, hand them over, exit 0). SIGUSR2:
+    exit for a restart (units keep running; a fleetd started within the lease's TTL adopts
+    them). SIGHUP: re-read the metadata."""
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -105,8 +130,13 @@ def run(
         typer.echo(f"fleetd: {exc}", err=True)
         raise typer.Exit(1) from None
 
+    from fleetd.agent import ExitMode
+
     def on_term(signum: int, frame: FrameType | None) -> None:
-        agent.stop()
+        agent.stop(mode=ExitMode.DRAIN)
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        agent.stop(mode=ExitMode.RESTART)
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
         # Reloading reads files: do it off the signal handler.
@@ -121,6 +151,7 @@ def run(
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR2, on_usr2)
     agent.run()
 
 

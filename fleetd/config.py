@@ -36,7 +36,7 @@ class Config:
     etcd_username: str | None = None
     etcd_password: str | None = field(default=None, repr=False)
     etcd_password_file: str | None = None
-    etcd_request_timeout: float = 3.0
+    etcd_request_timeout: float = 0.0  # 0: automatic, see `request_timeout`
     public_ip: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     agent_ttl: float = 10.0
@@ -46,6 +46,52 @@ class Config:
     hostname: str = ""
     # Seconds a machine ranked r-th waits, times r, before it bids for a unit (see planner).
     claim_stagger: float = 2.0
+    fence_margin: float = 0.0  # 0: automatic, see `margin`
+    runtime_directory: str = ""  # "": the units directory's parent
+    # Every D-Bus call returns or fails within this; the calls fencing makes (stop, kill, state
+    # reads) within a fifth of it, at most one second.
+    systemd_timeout: float = 5.0
+
+    @property
+    def margin(self) -> float:
+        """Seconds before the lease's deadline at which fencing starts: units get SIGTERM then,
+        SIGKILL half a margin before the deadline."""
+        return self.fence_margin or min(3.0, self.agent_ttl / 3)
+
+    @property
+    def request_timeout(self) -> float:
+        """etcd request timeout: 3 s, or less for a short TTL, so a hung keep-alive leaves time
+        for another before fencing."""
+        return self.etcd_request_timeout or min(3.0, (self.agent_ttl - self.margin) / 2)
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.runtime_directory or str(Path(self.units_directory).parent)
+
+
+def validate_timing(config: Config) -> None:
+    """Refuse settings under which the agent could not keep its promise or would fence a healthy
+    machine: called at start-up, before anything is touched."""
+    ttl, margin = config.agent_ttl, config.margin
+    if margin >= ttl / 2:
+        raise ConfigError(
+            f"fence_margin {margin:g}s must be less than half of agent_ttl {ttl:g}s: "
+            "lower fence_margin or raise agent_ttl"
+        )
+    if margin < 0.5:
+        raise ConfigError(
+            f"fence_margin {margin:g}s leaves units no time to be stopped and killed before "
+            "the lease expires: set it to at least 0.5 (or agent_ttl to at least 1.5)"
+        )
+    window = ttl - margin
+    if config.request_timeout > window / 2:
+        raise ConfigError(
+            f"etcd_request_timeout {config.request_timeout:g}s is too long for agent_ttl "
+            f"{ttl:g}s: units are fenced {window:g}s after the last keep-alive, and a hung "
+            f"request must leave time to retry; set etcd_request_timeout to at most "
+            f"{window / 2:g} or raise agent_ttl"
+        )
+
 
 
 def parse_metadata(value: Any, source: str) -> dict[str, str]:
@@ -86,7 +132,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return tuple(v.strip() for v in value)
     if name == "metadata":
         return parse_metadata(value, source)
-    if name in ("agent_ttl", "etcd_request_timeout", "claim_stagger"):
+    if name in (
+        "agent_ttl", "etcd_request_timeout", "claim_stagger", "fence_margin", "systemd_timeout"
+    ):
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -168,6 +216,7 @@ def load_config(
         config = replace(config, machine_id=read_machine_id())
     if not config.hostname:
         config = replace(config, hostname=socket.gethostname())
+    validate_timing(config)
     return config
 
 

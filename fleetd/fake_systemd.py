@@ -13,18 +13,21 @@ behaviour it mirrors, as measured on systemd 252:
 * Nothing runs: what a started unit does is decided by `outcome`, by default from its ExecStart
   line (`/bin/false` or `exit N` with N != 0 fails; `/bin/true` or `exit 0` finishes; anything
   else keeps running).
+* A unit named in `slow_stop` ignores SIGTERM: a stop leaves it "deactivating" until the test
+  calls `finish_stop` (its stop timeout ran out) or the agent kills it. `hung = True` makes every
+  call fail as a D-Bus call to a hung manager does once its timeout runs out.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.errors import SystemdError
 from fleetd.model import SystemdState
-from fleetd.unitfile import content_hash, has_section
+from fleetd.unitfile import content_hash, has_section, parse_unit_name
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
@@ -68,6 +71,7 @@ class _Unit:
     sub: str = "dead"
     file_missing: bool = False  # the file vanished while the unit was active
     running_text: str | None = None  # what the current run was started from
+    pid: int = 0
 
 
 class FakeUnitManager:
@@ -79,9 +83,19 @@ class FakeUnitManager:
         self._enabled: set[str] = set()
         self._memory: dict[str, _Unit] = {}
         self.reloads = 0  # how often reload was called, for tests that count round trips
+        self.slow_stop: set[str] = set()
+        self.hung = False
+        self.guards: dict[str, list[str]] = {}
+        self.kills: list[str] = []
+        self._next_pid = 1000
+
+    def _answer(self, what: str, name: str) -> None:
+        if self.hung:
+            raise SystemdError(f"systemd could not {what} {name}: no answer within the timeout")
 
     def load(self, name: str, text: str) -> None:
         _check_name(name)
+        self._answer("link", name)
         self._files[name] = text
         if has_section(text, "Install"):
             self._enabled.add(name)
@@ -89,6 +103,7 @@ class FakeUnitManager:
             self._enabled.discard(name)
 
     def reload(self) -> None:
+        self._answer("reload", "(all units)")
         self.reloads += 1
         for name, unit in list(self._memory.items()):
             if name in self._files:
@@ -100,12 +115,15 @@ class FakeUnitManager:
 
     def start(self, name: str) -> None:
         _check_name(name)
+        self._answer("start", name)
         unit = self._get(name)
         if unit is None or unit.file_missing:
             raise SystemdError(f"systemd could not start {name}: Unit {name} not found.")
-        if unit.active == "active":
+        if unit.active in ("active", "deactivating"):
             return
         unit.running_text = unit.text
+        self._next_pid += 1
+        unit.pid = self._next_pid
         outcome = self._outcome(unit.text)
         if outcome is Outcome.RUNS:
             unit.active, unit.sub = "active", "running"
@@ -119,17 +137,59 @@ class FakeUnitManager:
 
     def stop(self, name: str) -> None:
         _check_name(name)
+        self._answer("stop", name)
         unit = self._get(name)
         if unit is None:
             raise SystemdError(f"systemd could not stop {name}: Unit {name} not loaded.")
-        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed.
-        if unit.active == "active":
+        # Stopping a failed unit leaves it failed, as systemd does, until reset-failed; a second
+        # stop of a unit that is stopping already changes nothing.
+        if unit.active == "deactivating":
+            return
+        if unit.active == "active" and unit.running_text is not None and name in self.slow_stop:
+            unit.active, unit.sub = "deactivating", "stop-sigterm"
+            return
+        if unit.active in ("active", "deactivating"):
             unit.active, unit.sub = "inactive", "dead"
-        unit.running_text = None
+            unit.running_text = None
+            unit.pid = 0
         self._collect_garbage()
+
+    def finish_stop(self, name: str) -> None:
+        """The stop of a `slow_stop` unit completes (its process exited, or systemd's stop
+        timeout ran out and it was killed)."""
+        unit = self._memory.get(name)
+        if unit is not None and unit.active == "deactivating":
+            unit.active, unit.sub = "inactive", "dead"
+            unit.running_text = None
+            unit.pid = 0
+        self._collect_garbage()
+
+    def kill(self, name: str) -> None:
+        _check_name(name)
+        self._answer("kill", name)
+        self.kills.append(name)
+        unit = self._memory.get(name)
+        if unit is not None and unit.active in ("active", "activating", "deactivating"):
+            # The main process died of SIGKILL: systemd records the unit as failed.
+            unit.active, unit.sub = "failed", "failed"
+            unit.running_text = None
+            unit.pid = 0
+
+    def main_pids(self, names: Iterable[str]) -> dict[str, int]:
+        self._answer("read the main pid of", "units")
+        out = {}
+        for name in names:
+            unit = self._memory.get(name)
+            out[name] = unit.pid if unit is not None else 0
+        return out
+
+    def start_guard(self, name: str, argv: Sequence[str]) -> None:
+        self._answer("start", name)
+        self.guards.setdefault(name, list(argv))
 
     def unload(self, name: str) -> None:
         _check_name(name)
+        self._answer("disable", name)
         self._enabled.discard(name)
         unit = self._memory.get(name)
         if unit is not None and unit.active == "failed":
@@ -138,9 +198,11 @@ class FakeUnitManager:
         self._collect_garbage()
 
     def loaded_units(self) -> dict[str, str]:
+        self._answer("list", "units")
         return {name: content_hash(text) for name, text in self._files.items()}
 
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+        self._answer("read the state of", "units")
         result: dict[str, SystemdState] = {}
         for name in names:
             unit = self._get(name)
@@ -162,7 +224,8 @@ class FakeUnitManager:
         """The unit text the current run of `name` was started from (None when not running);
         the fake's stand-in for looking at what a real process does."""
         unit = self._memory.get(name)
-        return unit.running_text if unit is not None and unit.active == "active" else None
+        running = unit is not None and unit.active in ("active", "deactivating")
+        return unit.running_text if unit is not None and running else None
 
     def _get(self, name: str) -> _Unit | None:
         unit = self._memory.get(name)
@@ -176,5 +239,5 @@ class FakeUnitManager:
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or "\0" in name:
-        raise InvalidUnitName(f"{name!r} is not a unit name that can be a file name")
+    # The one validator every layer shares (raises InvalidUnitName).
+    parse_unit_name(name)

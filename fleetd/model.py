@@ -65,6 +65,7 @@ class PublishedState:
     sub: str
     hash: str
     since: float  # epoch seconds of the last ActiveState change seen by the publisher
+    reason: str = ""  # why a deactivating unit is being stopped (a move waits for the stop)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,116 @@
-"""The ports the core needs from the outside world, as Protocols.
+"""The ports the agent needs from the outside world, as Protocols: the registry and a systemd
+manager.
 
-Adapters implement them (`fleetd.systemd` over D-Bus, `fleetd.registry` over etcd) and in-memory
-fakes implement them for pure-logic tests and the scale simulator; each fake shares a contract test
-suite with its real adapter so the two cannot drift (tests/contract/).
+Adapters implement them (`fleetd.registry` over etcd, `fleetd.systemd` over D-Bus) and in-memory
+fakes implement them for deterministic tests and the scale simulator (`fleetd.fake_registry`,
+`fleetd.fake_systemd`); each fake shares a contract test suite with its real adapter so the two
+cannot drift (tests/contract/).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from fleetd.model import SystemdState
+from fleetd.model import DesiredState, Machine, PublishedState, SystemdState
+
+if TYPE_CHECKING:
+    from fleetd.keys import KeyLayout
+    from fleetd.placement import Guards
+    from fleetd.snapshot import Snapshot, UnitRecord
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change of one key under the prefix, as the watch reports it."""
+
+    key: str
+    value: bytes | None  # None for a delete
+    mod_revision: int
+    create_revision: int
+
+
+WatchCallback = Callable[[list[WatchEvent] | BaseException], None]
+
+
+class Registry(Protocol):
+    """The cluster registry as the agent and fleetctl use it.
+
+    Every call either does what it says or raises `RegistryUnavailable`. Keys bound to a lease
+    (machine presence, owners, published states) vanish when the lease expires or is revoked;
+    writes with a lease that no longer exists fail, so nothing is ever written without one.
+    """
+
+    @property
+    def layout(self) -> KeyLayout: ...
+
+    @property
+    def endpoints(self) -> Sequence[str]: ...
+
+    def close(self) -> None: ...
+
+    # reads
+    def snapshot(self) -> Snapshot:
+        """The whole registry, current to one revision."""
+        ...
+
+    def watch(self, start_revision: int, callback: WatchCallback) -> Callable[[], None]:
+        """Report every change from `start_revision` on, in order, in batches; the exception that
+        ended the watch is reported too (then the caller reads everything again). Returns a
+        cancel function."""
+        ...
+
+    # leases and presence
+    def grant_lease(self, ttl: float) -> int: ...
+
+    def keepalive(self, lease_id: int) -> float:
+        """Refresh the lease; its TTL in seconds counted from this refresh, 0 if it is gone."""
+        ...
+
+    def revoke(self, lease_id: int) -> None: ...
+
+    def register_machine(self, machine: Machine, lease_id: int) -> bool:
+        """Announce the machine unless a live agent with another lease holds its id (re-announcing
+        with the lease that holds it already succeeds)."""
+        ...
+
+    def update_machine(self, machine: Machine, lease_id: int) -> None: ...
+
+    # ownership and published state
+    def claim(
+        self,
+        unit: str,
+        machine_id: str,
+        lease_id: int,
+        snapshot_revision: int,
+        desired_revision: int,
+        guards: Guards,
+    ) -> bool:
+        """Become the owner of `unit`, only if it has none, its desired state and every guarded
+        fact are unchanged since the snapshot, and the machine is present."""
+        ...
+
+    def release(self, unit: str, machine_id: str) -> bool:
+        """Give up ownership, only if `machine_id` holds it."""
+        ...
+
+    def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None: ...
+
+    def delete_state(self, unit: str, machine_id: str) -> None: ...
+
+    # fleetctl's writes
+    def write_units(
+        self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot
+    ) -> bool: ...
+
+    def set_desired(self, names: Iterable[str], state: DesiredState) -> None: ...
+
+    def destroy(self, names: Iterable[str]) -> None: ...
+
+    def request_move(self, unit: str, machine_id: str) -> None: ...
+
+    def clear_move(self, unit: str) -> None: ...
 
 
 class UnitManager(Protocol):
@@ -18,12 +118,14 @@ class UnitManager(Protocol):
 
     The agent calls `load` for each unit of a batch, then `reload` once, then `start`/`stop`.
     `unload` is only called for a unit that is stopped already, and a `reload` follows it.
+    Every call returns or raises `SystemdError` within the adapter's timeout: a hung manager is
+    an error, never a blocked agent.
     """
 
     def load(self, name: str, text: str) -> None:
         """Write the unit file into the units directory and link it into the manager (runtime,
-        force). A unit with an [Install] section is also enabled (runtime). Overwrites an older
-        file of the same name."""
+        force), atomically: afterwards either the file is there and linked, or `loaded_units`
+        does not list it. A unit with an [Install] section is also enabled (runtime)."""
         ...
 
     def reload(self) -> None:
@@ -38,15 +140,30 @@ class UnitManager(Protocol):
         """Stop the unit (job mode "replace"); returns once the job is queued."""
         ...
 
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of the unit (systemd's KillUnit, who "all"): the escalation when
+        a stop cannot wait for the unit's own stop timeout."""
+        ...
+
     def unload(self, name: str) -> None:
         """Disable the unit, reset its failed state and delete its file."""
         ...
 
     def loaded_units(self) -> dict[str, str]:
-        """Units this adapter wrote that are still on disk: name -> sha1 hex of the file text."""
+        """Units this adapter wrote and linked that are still on disk: name -> sha1 hex of the
+        file text."""
         ...
 
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
         """systemd's LoadState/ActiveState/SubState of each named unit (a unit systemd does not
         know reads as load "not-found", active "inactive", sub "dead")."""
+        ...
+
+    def main_pids(self, names: Iterable[str]) -> dict[str, int]:
+        """The MainPID of each named unit (0: none)."""
+        ...
+
+    def start_guard(self, name: str, argv: Sequence[str]) -> None:
+        """Run `argv` as a transient service `name` of this manager, unless it runs already: it
+        outlives the agent's process (see fleetd.guard)."""
         ...

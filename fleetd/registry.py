@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +38,7 @@ from fleetd.errors import (
 from fleetd.keys import KeyLayout, Kind, range_end
 from fleetd.model import DesiredState, Machine, PublishedState
 from fleetd.placement import Guards
+from fleetd.ports import WatchEvent
 from fleetd.snapshot import (
     MAX_REQUEST_BYTES,
     REQUEST_OVERHEAD,
@@ -52,19 +52,13 @@ from fleetd.snapshot import (
 
 log = logging.getLogger(__name__)
 
+__all__ = ["MAX_TXN_OPS", "EtcdRegistry", "WatchEvent", "parse_endpoints"]
+
 # etcd refuses transactions with more operations than --max-txn-ops (128 by default).
 MAX_TXN_OPS = 120
 # gRPC clients refuse answers above 4 MiB by default; a registry with many large units is read in
 # one range request, so the client accepts what the server sends (etcd caps its side).
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    key: str
-    value: bytes | None  # None for a delete
-    mod_revision: int
-    create_revision: int
 
 
 def parse_endpoints(text: str | Sequence[str]) -> list[str]:

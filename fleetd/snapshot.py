@@ -11,7 +11,6 @@ claim transaction, so a decision is only committed if the facts it was based on 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
 from fleetd.keys import KeyLayout, Kind, ParsedKey
 from fleetd.model import DesiredState, Machine, Owner, PublishedState
-from fleetd.unitfile import Requirements, requirements_for
+from fleetd.unitfile import Requirements, parse_unit_name, requirements_for
 
 
 @dataclass(frozen=True)
@@ -108,15 +107,21 @@ def encode_machine(machine: Machine) -> str:
 
 
 def encode_state(state: PublishedState) -> str:
-    return json.dumps(
-        {
-            "load": state.load,
-            "active": state.active,
-            "sub": state.sub,
-            "hash": state.hash,
-            "since": state.since,
-        }
-    )
+    data: dict[str, Any] = {
+        "load": state.load,
+        "active": state.active,
+        "sub": state.sub,
+        "hash": state.hash,
+        "since": state.since,
+    }
+    if state.reason:
+        data["reason"] = state.reason
+    return json.dumps(data)
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
 def _load(value: bytes | str) -> Any:
@@ -145,6 +150,9 @@ class Snapshot:
     machines: dict[str, Machine] = field(default_factory=dict)
     states: dict[str, dict[str, PublishedState]] = field(default_factory=dict)
     moves: dict[str, str] = field(default_factory=dict)  # unit -> machine a rebalance wants
+    # Registry keys under the prefix that no agent acts on, with the reason: a name systemd
+    # would refuse, an undecodable value, an unknown desired state, a key of no known kind.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> Snapshot:
         """A picture that later events do not change (values are immutable; maps are copied)."""
@@ -156,6 +164,7 @@ class Snapshot:
             machines=dict(self.machines),
             states={name: dict(per) for name, per in self.states.items()},
             moves=dict(self.moves),
+            refused=dict(self.refused),
         )
 
     def desired_state(self, name: str) -> DesiredState:
@@ -173,22 +182,38 @@ class Snapshot:
         value: bytes | None,
         mod_revision: int,
         create_revision: int = 0,
-    ) -> bool:
-        """Apply one put (value set) or delete (value None). Returns whether the key was ours.
+    ) -> str | None:
+        """Apply one put (value set) or delete (value None) of a key under the prefix.
 
-        Malformed values are ignored rather than trusted: a foreign writer must not crash or
-        mislead the agents.
+        Returns the reason the entry is refused, or None. A refused entry is left out of the
+        picture and listed in `refused` instead: whatever a foreign or broken writer puts under
+        the prefix must neither crash nor mislead the agents, and the operator must see it.
         """
-        parsed = layout.parse(key)
-        if parsed is None:
-            return False
+        if not key.startswith(layout.prefix):
+            return None
         self.revision = max(self.revision, mod_revision)
-        if value is None:
+        self.refused.pop(key, None)
+        parsed = layout.parse(key)
+        reason: str | None = None
+        if parsed is None:
+            reason = "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
+        elif parsed.kind is not Kind.MACHINE:
+            try:
+                parse_unit_name(parsed.name)
+            except InvalidUnitName as exc:
+                reason = str(exc)
+        if reason is None and parsed is not None:
+            # A valid put replaces whatever the key held; a refused one leaves nothing behind.
             self._delete(parsed)
-        else:
-            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                self._put(parsed, value, mod_revision, create_revision)
-        return True
+            if value is not None:
+                try:
+                    self._put(parsed, value, mod_revision, create_revision)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    reason = f"undecodable value: {_brief(exc)}"
+        if reason is not None and value is not None:
+            self.refused[key] = reason
+            return reason
+        return None
 
     def _delete(self, parsed: ParsedKey) -> None:
         if parsed.kind is Kind.STATE:
@@ -216,9 +241,13 @@ class Snapshot:
             self.moves[name] = value.decode()
         else:
             data = _load(value)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             if parsed.kind is Kind.UNIT:
+                if not isinstance(data["text"], str):
+                    raise TypeError("unit text is not a string")
                 self.units[name] = UnitRecord(
-                    name, str(data["text"]), str(data["hash"]), mod_revision
+                    name, data["text"], str(data["hash"]), mod_revision
                 )
             elif parsed.kind is Kind.OWNER:
                 self.owners[name] = Owner(
@@ -243,4 +272,5 @@ class Snapshot:
                     str(data["sub"]),
                     str(data["hash"]),
                     float(data.get("since", 0.0)),
+                    str(data.get("reason", "")),
                 )

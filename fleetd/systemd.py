@@ -4,25 +4,31 @@ Owns the agent's units directory: every unit the agent runs is a file written he
 the manager at runtime (so nothing survives a reboot that fleet did not ask for again) and, when
 it has an [Install] section, enabled at runtime too. One bus connection and one Manager proxy are
 made per adapter and reused: a fresh proxy introspects the object on every creation.
+
+Every call carries a timeout (pydbus passes `timeout=` in seconds to GDBus): a hung manager
+turns into a `SystemdError`, never a blocked agent. The calls fencing depends on (stop, kill,
+state reads) use a shorter one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gi.repository import Gio, GLib
 from pydbus import SystemBus, connect
 
-from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.errors import SystemdError
 from fleetd.model import SystemdState
-from fleetd.unitfile import content_hash, has_section
+from fleetd.unitfile import content_hash, has_section, parse_unit_name
 
 SYSTEMD_SERVICE = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 
@@ -31,15 +37,29 @@ NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
 _ABSENT_ERRORS = frozenset(
     {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.FileNotFound"}
 )
+# What GetUnitFileState says of a file we linked (and enabled, with an [Install] section).
+_LINKED = frozenset({"linked-runtime", "enabled-runtime", "linked", "enabled"})
+
+log = logging.getLogger(__name__)
 
 
 class DbusUnitManager:
     """A systemd manager (system bus, or a user manager's session bus) driven over D-Bus."""
 
     def __init__(
-        self, units_directory: Path, user: bool = False, bus_address: str | None = None
+        self,
+        units_directory: Path,
+        user: bool = False,
+        bus_address: str | None = None,
+        timeout: float = 5.0,
     ) -> None:
         self.units_directory = units_directory
+        self.timeout = timeout
+        self.fast_timeout = min(1.0, timeout / 5)
+        self.user = user
+        self.bus_address: str | None = None
+        # Files whose link we saw succeed (or checked) in this process.
+        self._linked: set[str] = set()
         try:
             if user:
                 address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
@@ -47,6 +67,7 @@ class DbusUnitManager:
                     raise SystemdError(
                         "no session bus to reach the user manager: set DBUS_SESSION_BUS_ADDRESS"
                     )
+                self.bus_address = address
                 self._bus: Any = connect(address)
             else:
                 self._bus = SystemBus()
@@ -64,14 +85,25 @@ class DbusUnitManager:
     def load(self, name: str, text: str) -> None:
         path = self._path(name)
         self.units_directory.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed so that a crash never leaves a half-written unit that a
-        # later reload would pick up.
+        # Written aside and renamed, so a crash never leaves a half-written unit that a later
+        # reload would pick up; then linked and the link read back. A failed link removes the
+        # file again: a file whose hash matches but that systemd does not know would never be
+        # linked by a later round.
+        self._linked.discard(name)
         tmp = self.units_directory / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(path)
-        self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
-        if has_section(text, "Install"):
-            self._call(name, "enable", "EnableUnitFiles", [name], True, True)
+        try:
+            self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
+            if has_section(text, "Install"):
+                self._call(name, "enable", "EnableUnitFiles", [name], True, True)
+            state = self.unit_file_state(name)
+            if state not in _LINKED:
+                raise SystemdError(f"systemd did not link {name}: its file state is {state}")
+        except SystemdError:
+            path.unlink(missing_ok=True)
+            raise
+        self._linked.add(name)
 
     def reload(self) -> None:
         self._call("(all units)", "reload", "Reload")
@@ -82,10 +114,15 @@ class DbusUnitManager:
 
     def stop(self, name: str) -> None:
         self._path(name)
-        self._call(name, "stop", "StopUnit", name, "replace")
+        self._call(name, "stop", "StopUnit", name, "replace", timeout=self.fast_timeout)
+
+    def kill(self, name: str) -> None:
+        self._path(name)
+        self._call(name, "kill", "KillUnit", name, "all", 9, timeout=self.fast_timeout)
 
     def unload(self, name: str) -> None:
         path = self._path(name)
+        self._linked.discard(name)
         self._call(name, "disable", "DisableUnitFiles", [name], True, tolerate_absent=True)
         self._call(name, "reset the failed state of", "ResetFailedUnit", name, tolerate_absent=True)
         path.unlink(missing_ok=True)
@@ -95,20 +132,75 @@ class DbusUnitManager:
             entries = list(self.units_directory.iterdir())
         except FileNotFoundError:
             return {}
-        return {
-            entry.name: content_hash(entry.read_text())
-            for entry in entries
-            if not entry.name.startswith(".") and entry.is_file()
-        }
+        out: dict[str, str] = {}
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            if entry.name not in self._linked and not self._check_link(entry):
+                continue
+            out[entry.name] = content_hash(entry.read_text())
+        return out
+
+    def _check_link(self, entry: Path) -> bool:
+        """A file this process did not link itself (an earlier run wrote it): keep it only if
+        systemd has it linked, so a crash between write and link is repaired by a new LOAD."""
+        try:
+            state = self.unit_file_state(entry.name)
+        except SystemdError as exc:
+            log.warning("cannot check the link of %s: %s", entry.name, exc)
+            return True
+        except ValueError:
+            return False
+        if state in _LINKED:
+            self._linked.add(entry.name)
+            return True
+        log.warning("%s is in the units directory but not linked (%s): loading it again",
+                    entry.name, state)
+        entry.unlink(missing_ok=True)
+        return False
 
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return {}
         label = wanted[0] if len(wanted) == 1 else f"{len(wanted)} units ({wanted[0]}, ...)"
-        rows = self._call(label, "read the state of", "ListUnitsByNames", wanted)
+        rows = self._call(
+            label, "read the state of", "ListUnitsByNames", wanted, timeout=self.fast_timeout
+        )
         found = {row[0]: SystemdState(load=row[2], active=row[3], sub=row[4]) for row in rows or []}
         return {name: found.get(name, NOT_FOUND) for name in wanted}
+
+    def main_pids(self, names: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name in names:
+            path = self._call(name, "find", "GetUnit", name, tolerate_absent=True)
+            if path is None:
+                out[name] = 0
+                continue
+            try:
+                unit = self._bus.get(SYSTEMD_SERVICE, path, timeout=self.timeout)
+                out[name] = int(unit[SERVICE_INTERFACE].MainPID)
+            except (GLib.Error, KeyError) as exc:
+                raise SystemdError(f"systemd could not tell the main pid of {name}") from exc
+        return out
+
+    def start_guard(self, name: str, argv: Sequence[str]) -> None:
+        environment = []
+        if self.bus_address:
+            environment.append(f"DBUS_SESSION_BUS_ADDRESS={self.bus_address}")
+        properties = [
+            ("Description", GLib.Variant("s", "fleet guard: stops fleet's units if fleetd "
+                                              "does not renew its lease")),
+            ("ExecStart", GLib.Variant("a(sasb)", [(argv[0], list(argv), False)])),
+            ("Environment", GLib.Variant("as", environment)),
+            ("CollectMode", GLib.Variant("s", "inactive-or-failed")),
+        ]
+        try:
+            self._manager.StartTransientUnit(name, "fail", properties, [], timeout=self.timeout)
+        except GLib.Error as exc:
+            if Gio.DBusError.get_remote_error(exc) == "org.freedesktop.systemd1.UnitExists":
+                return  # a guard runs already and watches the same lease file
+            raise SystemdError(f"systemd could not start {name}: {_brief(exc)}") from exc
 
     def unit_file_state(self, name: str) -> str:
         """systemd's UnitFileState for the unit ("linked-runtime", "enabled-runtime", ...), or
@@ -120,15 +212,20 @@ class DbusUnitManager:
         return "not-found" if state is None else str(state)
 
     def _path(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith(".") or "\0" in name:
-            raise InvalidUnitName(f"{name!r} is not a unit name that can be a file name")
+        parse_unit_name(name)  # the one validator; raises InvalidUnitName
         return self.units_directory / name
 
     def _call(
-        self, unit: str, what: str, method: str, *args: Any, tolerate_absent: bool = False
+        self,
+        unit: str,
+        what: str,
+        method: str,
+        *args: Any,
+        tolerate_absent: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         try:
-            return getattr(self._manager, method)(*args)
+            return getattr(self._manager, method)(*args, timeout=timeout or self.timeout)
         except GLib.Error as exc:
             if tolerate_absent and Gio.DBusError.get_remote_error(exc) in _ABSENT_ERRORS:
                 return None

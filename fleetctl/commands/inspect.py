@@ -26,6 +26,8 @@ def status(ctx: typer.Context, units: UnitNames, output_format: OutputFormat = "
         output.raw(output.document(output.status_document(snapshot, records)))
         return
     output.table("\n".join(output.status_block(snapshot, record) for record in records))
+    for message in output.refused_messages(snapshot, names):
+        output.warn(message)
 
 
 def register(app: typer.Typer) -> None:

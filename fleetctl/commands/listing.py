@@ -74,6 +74,8 @@ def list_unit_files(
         output.raw(output.document(output.unit_files_document(snapshot)))
         return
     output.table(output.unit_files_table(snapshot, fields, full, not no_legend))
+    for message in output.refused_messages(snapshot):
+        output.warn(message)
 
 
 def register(app: typer.Typer) -> None:

@@ -222,7 +222,9 @@ def test_failed_unit_is_started_again_after_stop_and_start(harness: Harness) -> 
     try:
         client.set_desired(["f.service"], DesiredState.LOADED)
         # Let the agent see and act on the stop before asking for the start again.
-        wait_until(lambda: node.agent._snapshot.desired_state("f.service") is DesiredState.LOADED)
+        wait_until(
+            lambda: node.agent.mirror.copy().desired_state("f.service") is DesiredState.LOADED
+        )
         rounds = node.manager.reloads
         harness.submit({"g.service": unit_text("g")})
         wait_until(lambda: node.manager.reloads > rounds)
@@ -403,3 +405,25 @@ def test_agent_tells_systemd_ready_pings_its_watchdog_and_says_stopping(
             rest.append(server.recv(100).decode())
     server.close()
     assert "STOPPING=1" in rest
+
+
+def test_restarted_agent_adopts_its_units_on_the_same_lease(harness: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGUSR2 then a new fleetd within the TTL: same lease, same owner keys, same processes."""
+    node = harness.add("m0", lease_file=tmp_path / "lease.json")
+    harness.wait(lambda s: len(s.machines) == 1)
+    units = [f"keep{i}.service" for i in range(3)]
+    harness.submit({u: unit_text(u) for u in units})
+    before = harness.wait(all_run(units))
+    pids = node.manager.main_pids(units)
+    lease = node.agent.lease().lease_id
+    harness.restart("m0")
+    successor = harness.add(
+        "m0", machine_id=node.agent.me, manager=node.manager, lease_file=tmp_path / "lease.json"
+    )
+    wait_until(lambda: successor.agent.lease().registered)
+    assert successor.agent.lease().lease_id == lease
+    after = harness.wait(all_run(units))
+    assert {u: after.owners[u].revision for u in units} == {
+        u: before.owners[u].revision for u in units
+    }
+    assert node.manager.main_pids(units) == pids

@@ -422,3 +422,111 @@ def test_manager_is_found_again_and_kill_takes_added_processes(tmp_path: Path) -
         handle.cleanup()
         assert not any(d.exists() for d in handle.cgroup_dirs())
         assert ManagerHandle.load(tmp_path / "m") is None
+
+
+@pytest.mark.parametrize(
+    "stem", ["colon:name", "escaped\\x2dname", "tpl@inst@more"], ids=["colon", "escape", "at"]
+)
+def test_every_name_the_validator_accepts_runs(backend: Backend, stem: str) -> None:
+    """fleetctl, the agent and the managers share one validator: what it accepts must run."""
+    name = backend.unit_name(stem)
+    backend.manager.load(name, looping_unit("v1", backend.workdir / "odd.out"))
+    backend.manager.reload()
+    backend.start(name)
+    assert backend.wait_active(name).sub == "running"
+    assert name in backend.manager.loaded_units()
+
+
+def test_kill_ends_a_unit_that_ignores_sigterm(backend: Backend) -> None:
+    name = backend.unit_name("stubborn")
+    text = (
+        "[Service]\nTimeoutStopSec=60\n"
+        "ExecStart=/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.2; done'\n"
+    )
+    backend.manager.load(name, text)
+    backend.manager.reload()
+    backend.start(name)
+    backend.wait_active(name)
+    if isinstance(backend.manager, FakeUnitManager):
+        backend.manager.slow_stop.add(name)
+    backend.manager.stop(name)
+    assert backend.wait_state(name, lambda s: s.active == "deactivating").active == "deactivating"
+    started = time.monotonic()
+    backend.manager.kill(name)
+    assert backend.wait_inactive(name).active in ("inactive", "failed")
+    assert time.monotonic() - started < 10
+
+
+def test_main_pid_of_a_running_unit_and_of_an_unknown_one(backend: Backend) -> None:
+    name = backend.unit_name()
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.start(name)
+    backend.wait_active(name)
+    pids = backend.manager.main_pids([name, "never-loaded.service"])
+    assert pids["never-loaded.service"] == 0
+    assert pids[name] > 0
+    if backend.kind == "real":
+        out = backend.out(name)
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while not (out.exists() and len(out.read_text().split()) == 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert int(out.read_text().split()[1]) == pids[name]
+
+
+def test_guard_runs_as_a_transient_service_once(backend: Backend) -> None:
+    name = backend.unit_name("guard")
+    argv = ["/bin/sh", "-c", "sleep 60"]
+    backend.manager.start_guard(name, argv)
+    backend.manager.start_guard(name, argv)  # already there: nothing more happens
+    if backend.kind == "real":
+        assert backend.wait_active(name).sub == "running"
+        assert name not in backend.manager.loaded_units()  # not one of fleet's unit files
+        backend.started.append(name)
+    else:
+        assert isinstance(backend.manager, FakeUnitManager)
+        assert backend.manager.guards == {name: argv}
+
+
+@requires_real_manager
+def test_a_file_systemd_never_linked_is_not_reported_loaded(user_manager, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A crash between writing a unit file and linking it leaves a file whose hash matches:
+    the adapter must not count it as loaded, or no later round would link it."""
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "orphan-file.service").write_text(FAILING_UNIT)
+    manager = DbusUnitManager(units, user=True, bus_address=user_manager.bus_address)
+    try:
+        assert manager.loaded_units() == {}
+        assert not (units / "orphan-file.service").exists()
+        manager.load("orphan-file.service", FAILING_UNIT)
+        assert manager.unit_file_state("orphan-file.service") == "linked-runtime"
+        assert set(manager.loaded_units()) == {"orphan-file.service"}
+        # A second adapter (a restarted fleetd) checks the link once and keeps the file.
+        again = DbusUnitManager(units, user=True, bus_address=user_manager.bus_address)
+        assert set(again.loaded_units()) == {"orphan-file.service"}
+        again.close()
+        manager.unload("orphan-file.service")
+        manager.reload()
+    finally:
+        manager.close()
+
+
+@requires_real_manager
+def test_calls_to_a_hung_manager_time_out(tmp_path: Path) -> None:
+    """A manager that does not answer (SIGSTOP) turns into a SystemdError within the timeout."""
+    with running_manager("hung", tmp_path / "hung") as handle:
+        manager = DbusUnitManager(
+            tmp_path / "units", user=True, bus_address=handle.bus_address, timeout=1.0
+        )
+        os.kill(handle.pid, 19)  # SIGSTOP
+        try:
+            started = time.monotonic()
+            with pytest.raises(SystemdError):
+                manager.states(["x.service"])
+            with pytest.raises(SystemdError):
+                manager.reload()
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(handle.pid, 18)  # SIGCONT
+            manager.close()

@@ -14,8 +14,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from fleetd.agent import Agent
+from fleetd.agent import Agent, ExitMode
+from fleetd.agent.lease import LeaseFile
 from fleetd.config import Config
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.model import DesiredState
@@ -48,7 +50,8 @@ class Harness:
     _shared: EtcdRegistry | None = None
 
     def add(self, name: str, metadata: Mapping[str, str] | None = None,
-            machine_id: str | None = None, endpoints: list[str] | None = None) -> Node:
+            machine_id: str | None = None, endpoints: list[str] | None = None,
+            manager: FakeUnitManager | None = None, lease_file: Path | None = None) -> Node:
         config = Config(
             etcd_servers=tuple(endpoints or self.endpoints),
             etcd_key_prefix=self.prefix,
@@ -67,8 +70,14 @@ class Harness:
             registry = EtcdRegistry(
                 config.etcd_servers, config.etcd_key_prefix, timeout=3.0, **_login(self.agent_login)
             )
-        manager = FakeUnitManager()
-        agent = Agent(config, registry, manager, owns_registry=registry is not self._shared)
+        manager = manager or FakeUnitManager()
+        agent = Agent(
+            config,
+            registry,
+            manager,
+            owns_registry=registry is not self._shared,
+            lease_file=LeaseFile(lease_file) if lease_file else None,
+        )
         thread = threading.Thread(target=agent.run, name=f"agent-{name}", daemon=True)
         node = Node(name, agent, manager, thread)
         self.nodes[name] = node
@@ -112,6 +121,12 @@ class Harness:
     def halt(self, name: str) -> None:
         node = self.nodes.pop(name)
         node.agent.stop()
+        node.thread.join(30)
+
+    def restart(self, name: str) -> None:
+        """fleetd exits for a restart (SIGUSR2): units keep running, the lease stays."""
+        node = self.nodes.pop(name)
+        node.agent.stop(mode=ExitMode.RESTART)
         node.thread.join(30)
 
     def kill(self, name: str) -> None:

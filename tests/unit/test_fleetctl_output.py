@@ -268,3 +268,42 @@ def test_status_of_an_inactive_unit_gives_one_reason() -> None:
 )
 def test_format_ago(seconds: float, expected: str) -> None:
     assert output.format_ago(seconds) == expected
+
+
+def test_status_of_a_unit_stopping_for_a_move_says_where_and_why() -> None:
+    snap = cluster()
+    snap.states["hello.service"] = {
+        A: PublishedState(A, "loaded", "deactivating", "stop-sigterm", H, 1000.0,
+                          "replaced by new.service (Replaces=hello.service)")
+    }
+    got = output.status_block(snap, snap.units["hello.service"], now=1001.0).splitlines()
+    assert got[3].startswith("    Active: deactivating (stop-sigterm)")
+    assert got[4] == (
+        "    Moving: stopping on core-01: replaced by new.service (Replaces=hello.service)"
+    )
+
+
+BAD_TEXT = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\nMachineOf=x.service\n"
+
+
+def test_refused_units_and_registry_entries_are_listed_with_the_reason() -> None:
+    snap = cluster()
+    snap.units["bad.service"] = record("bad.service", BAD_TEXT)
+    snap.desired["bad.service"] = Desired(DesiredState.LAUNCHED, 2)
+    snap.refused = {
+        "/fleet/unit/.x.service": "unit name '.x.service' must not start with '.'",
+        "/fleet/desired/hello.service": "undecodable value: ValueError: 'on' is not valid",
+    }
+    rows = lines(output.unit_files_table(snap, "unit,state,desc", False, False))
+    assert rows[0][:2] == ["bad.service", "refused"] and "MachineOf" in rows[0][2]
+    assert rows[-1] == [
+        "/fleet/unit/.x.service", "refused", "unit name '.x.service' must not start with '.'"
+    ]
+    messages = output.refused_messages(snap)
+    assert len(messages) == 3
+    assert output.refused_messages(snap, ["hello.service"]) == [
+        "registry entry /fleet/desired/hello.service is refused by every agent: "
+        "undecodable value: ValueError: 'on' is not valid"
+    ]
+    status = output.status_block(snap, snap.units["bad.service"]).splitlines()
+    assert status[-1].startswith("Refused by every agent: ") and "MachineOf" in status[-1]

@@ -56,6 +56,11 @@ def refusal(xfleet: str, name: str = "a.service") -> str:
         ("p@x.path", "p", "x", "path"),
         ("s@x.socket", "s", "x", "socket"),
         ("x" * (MAX_NAME_LENGTH - len(".service")) + ".service", None, None, "service"),
+        # systemd's own rules: ':' and '\\' (its escapes) are unit name characters, and the
+        # first '@' splits prefix and instance, the instance may hold more of them.
+        ("a:b.service", "a:b", None, "service"),
+        ("dev-disk-by\\x2dlabel.mount", "dev-disk-by\\x2dlabel", None, "mount"),
+        ("a@b@c.service", "a", "b@c", "service"),
     ],
 )
 def test_valid_unit_names_split_into_their_parts(
@@ -83,7 +88,8 @@ def test_valid_unit_names_split_into_their_parts(
         ("foo.txt", "no known unit type suffix"),
         ("foo", "no known unit type suffix"),
         (".service", "nothing before its suffix"),
-        ("a@b@c.service", "more than one '@'"),
+        (".x.service", "must not start with '.'"),
+        (".web@1.service", "must not start with '.'"),
         ("foo@1.mount", "can be templates or instances"),
         ("foo@.device", "can be templates or instances"),
         ("foo@1.slice", "can be templates or instances"),

@@ -1,0 +1,171 @@
+"""The executor: the only code that changes systemd or gives ownership back, one task at a time.
+
+Two refusals make the safety promise hold whatever the planner asked for:
+- LOAD and START are refused while the lease view does not allow new units (not joined, or the
+  fencing margin reached); a START that raced with fencing is stopped again at once;
+- UNLOAD and RELEASE wait until systemd itself reports the unit inactive or failed on this
+  machine: a stop job being queued is not a stopped unit, and another machine may start the unit
+  as soon as the owner key is gone. A unit still stopping keeps its file (so its "deactivating"
+  state stays published, with the reason) and the rest of its tasks wait for a later round.
+
+Each task is isolated: an error (any exception) is logged, that unit waits with a growing
+backoff, and the other units' tasks go on. Progress is recorded after every step for the
+systemd watchdog, so a long round is not mistaken for a frozen agent.
+
+The set of units this agent started (so a unit that failed is not restarted in a loop) is owned
+by the reconcile thread alone; fencing only bumps an epoch, which empties it on the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from fleetd.agent.fence import STOPPED
+from fleetd.clock import Clock
+from fleetd.planner import Task, TaskKind
+from fleetd.ports import Registry, UnitManager
+
+log = logging.getLogger("fleetd")
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+SETTLE_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class _Backoff:
+    failures: int
+    retry_at: float
+
+
+class Executor:
+    def __init__(
+        self,
+        manager: UnitManager,
+        registry: Registry,
+        me: str,
+        may_start: Callable[[], bool],
+        fence_epoch: Callable[[], int],
+        clock: Clock,
+        progress: Callable[[], None] = lambda: None,
+        settle: float = 0.3,
+    ) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.me = me
+        self.may_start = may_start
+        self.fence_epoch = fence_epoch
+        self.clock = clock
+        self.progress = progress
+        self.settle = settle  # seconds a stop may take before its unit waits for a later round
+        self.stop_reasons: dict[str, str] = {}
+        self._deferred: set[str] = set()
+        self._started: set[tuple[str, str]] = set()
+        self._epoch = 0
+        self._backoff: dict[str, _Backoff] = {}
+        # Every unit this run may have running, for the fencer (read from its thread: only ever
+        # replaced, never changed in place).
+        self.known_units: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------------- started units
+
+    def started(self, launched: Iterable[str]) -> frozenset[tuple[str, str]]:
+        """The (unit, hash) pairs started and still wanted launched. "Started already" only
+        holds while the operator keeps asking for launched, and not across a fencing."""
+        epoch = self.fence_epoch()
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._started.clear()
+        keep = set(launched)
+        self._started = {s for s in self._started if s[0] in keep}
+        return frozenset(self._started)
+
+    def note_units(self, names: Iterable[str]) -> None:
+        self.known_units = frozenset(names)
+
+    # --------------------------------------------------------------------------------- tasks
+
+    def waiting(self, unit: str) -> bool:
+        entry = self._backoff.get(unit)
+        return entry is not None and self.clock() < entry.retry_at
+
+    def run(self, tasks: Iterable[Task]) -> bool:
+        """Execute the tasks in order; True when some unit is still stopping (run again soon)."""
+        failed: set[str] = set()
+        self._deferred = set()
+        self.stop_reasons = {}
+        for task in tasks:
+            if task.unit in failed or task.unit in self._deferred or self.waiting(task.unit):
+                continue
+            if task.kind is TaskKind.START and "" in failed:
+                continue  # the daemon-reload failed: the manager may not see the new file
+            try:
+                self._execute(task)
+                self._backoff.pop(task.unit, None)
+            except Exception as exc:
+                failed.add(task.unit)
+                entry = self._backoff.get(task.unit)
+                failures = entry.failures + 1 if entry else 1
+                pause = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+                self._backoff[task.unit] = _Backoff(failures, self.clock() + pause)
+                log.error("%s failed (retrying in %.0fs): %s", task, pause, _one_line(exc))
+            finally:
+                self.progress()
+        return bool(self._deferred)
+
+    def _execute(self, task: Task) -> None:
+        kind = task.kind
+        if kind in (TaskKind.LOAD, TaskKind.START) and not self.may_start():
+            log.warning("refused to %s %s: the lease does not allow new units now",
+                        kind.value, task.unit)
+            return
+        if kind in (TaskKind.UNLOAD, TaskKind.RELEASE) and not self._stopped(task):
+            self._deferred.add(task.unit)
+            return
+        log.info("%s", task)
+        if kind is TaskKind.STOP:
+            self.stop_reasons[task.unit] = task.reason
+            self.manager.stop(task.unit)
+            self._forget(task.unit)
+        elif kind is TaskKind.UNLOAD:
+            self.manager.unload(task.unit)
+            self._forget(task.unit)
+        elif kind is TaskKind.LOAD:
+            self.manager.load(task.unit, task.text)
+        elif kind is TaskKind.RELOAD:
+            self.manager.reload()
+        elif kind is TaskKind.START:
+            self.manager.start(task.unit)
+            self._started.add((task.unit, task.hash))
+            if not self.may_start():
+                # Fencing began while the start was on its way: the fencer may have looked
+                # before this unit ran, so take it down here.
+                log.warning("stop %s: fencing began while it was starting", task.unit)
+                self.manager.stop(task.unit)
+        elif kind is TaskKind.RELEASE:
+            self.registry.release(task.unit, self.me)
+
+    def _stopped(self, task: Task) -> bool:
+        """Read back from systemd that the unit is down, giving a stop just queued a moment."""
+        polls = int(self.settle / SETTLE_POLL)
+        active = "running"
+        for poll in range(polls + 1):
+            state = self.manager.states([task.unit]).get(task.unit)
+            if state is None or state.active in STOPPED:
+                return True
+            active = state.active
+            if poll < polls:
+                time.sleep(SETTLE_POLL)
+        log.info("%s waits: the unit is still %s here", task, active)
+        return False
+
+    def _forget(self, unit: str) -> None:
+        self._started = {s for s in self._started if s[0] != unit}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

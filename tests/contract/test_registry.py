@@ -1,0 +1,264 @@
+"""The Registry contract, run against the in-memory fake and `EtcdRegistry` on a real etcd, so
+the fake the deterministic agent tests rely on cannot drift from etcd.
+
+Lease expiry is driven by the fake's clock, and by waiting out a short real TTL on etcd.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from fleetd.clock import FakeClock
+from fleetd.errors import RegistryUnavailable
+from fleetd.fake_registry import FakeRegistry
+from fleetd.model import DesiredState, Machine, PublishedState
+from fleetd.placement import Guards
+from fleetd.ports import Registry, WatchEvent
+from fleetd.registry import EtcdRegistry
+from fleetd.snapshot import Snapshot, UnitRecord
+from fleetd.unitfile import content_hash
+
+try:
+    from tests.support.etcd_fixtures import etcd
+except ModuleNotFoundError:  # tests/ itself is on sys.path rather than the repository root
+    from support.etcd_fixtures import etcd  # type: ignore[no-redef]
+
+__all__ = ["etcd"]  # a fixture: imported so pytest finds it here
+
+NO_GUARDS = Guards({}, frozenset())
+TEXT = "[Service]\nExecStart=/bin/sleep 100\n"
+
+
+@dataclass
+class Backend:
+    kind: str
+    registry: Registry
+    expire: Callable[[float], None]  # let this many seconds pass for leases
+
+    def submit(self, *names: str, desired: DesiredState = DesiredState.LAUNCHED) -> Snapshot:
+        records = [UnitRecord(n, TEXT, content_hash(TEXT)) for n in names]
+        assert self.registry.write_units(records, desired, self.registry.snapshot())
+        return self.registry.snapshot()
+
+    def join(self, machine_id: str, ttl: float = 10.0) -> int:
+        lease = self.registry.grant_lease(ttl)
+        assert self.registry.register_machine(Machine(machine_id), lease)
+        return lease
+
+
+@pytest.fixture(params=["fake", "etcd"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "fake":
+        clock = FakeClock()
+        fake = FakeRegistry(clock=clock)
+
+        def advance(seconds: float) -> None:
+            clock.advance(seconds)
+            fake.expire()
+
+        yield Backend("fake", fake, advance)
+        return
+    cluster = request.getfixturevalue("etcd")
+    real = EtcdRegistry(list(cluster.endpoints), f"/contract-{uuid.uuid4().hex[:10]}/")
+
+    def wait(seconds: float) -> None:
+        time.sleep(seconds)
+
+    try:
+        yield Backend("etcd", real, wait)
+    finally:
+        real.close()
+
+
+def test_claim_creates_the_owner_once(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("u.service")
+    desired = snap.desired["u.service"].revision
+    assert reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    assert not reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    after = reg.snapshot()
+    assert after.owner_of("u.service") == "m1"
+    owner = after.owners["u.service"]
+    assert owner.revision == owner.mod_revision > snap.revision
+
+
+def test_claim_fails_when_desired_state_or_units_changed_or_machine_absent(
+    backend: Backend,
+) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("u.service")
+    desired = snap.desired["u.service"].revision
+    reg.set_desired(["u.service"], DesiredState.LOADED)
+    assert not reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    snap = reg.snapshot()
+    desired = snap.desired["u.service"].revision
+    backend.submit("other.service")  # unit content changed after the snapshot
+    assert not reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    snap = reg.snapshot()
+    assert not reg.claim("u.service", "nobody", lease, snap.revision, desired, NO_GUARDS)
+    assert reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+
+
+def test_claim_guards_on_owner_prefixes_and_exact_revisions(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("web@1.service", "web@2.service", "db.service")
+    rev = {n: d.revision for n, d in snap.desired.items()}
+    assert reg.claim("web@1.service", "m1", lease, snap.revision, rev["web@1.service"], NO_GUARDS)
+    # web@1's owner appeared after `snap`: a claim guarded on the web@ prefix must fail.
+    prefix = Guards({}, frozenset({"web@"}))
+    assert not reg.claim("web@2.service", "m1", lease, snap.revision, rev["web@2.service"], prefix)
+    exact = Guards({"web@1.service": 0}, frozenset())
+    assert not reg.claim("db.service", "m1", lease, snap.revision, rev["db.service"], exact)
+    now = reg.snapshot()
+    exact = Guards({"web@1.service": now.owners["web@1.service"].mod_revision}, frozenset())
+    assert reg.claim("db.service", "m1", lease, now.revision, rev["db.service"], exact)
+
+
+def test_release_only_by_the_holder(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("u.service")
+    reg.claim("u.service", "m1", lease, snap.revision, snap.desired["u.service"].revision,
+              NO_GUARDS)
+    assert not reg.release("u.service", "m2")
+    assert reg.release("u.service", "m1")
+    assert "u.service" not in reg.snapshot().owners
+
+
+def test_register_refuses_a_live_id_and_accepts_its_own_lease_again(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    other = reg.grant_lease(10)
+    assert not reg.register_machine(Machine("m1"), other)
+    # A restarted agent re-attaching to its own lease announces itself again.
+    assert reg.register_machine(Machine("m1", name="again"), lease)
+    reg.update_machine(Machine("m1", name="renamed"), lease)
+    assert reg.snapshot().machines["m1"].name == "renamed"
+
+
+def test_keepalive_reports_the_ttl_and_zero_once_the_lease_is_gone(backend: Backend) -> None:
+    reg = backend.registry
+    lease = reg.grant_lease(5)
+    assert 4 <= reg.keepalive(lease) <= 5
+    reg.revoke(lease)
+    assert reg.keepalive(lease) == 0
+
+
+def test_an_expired_lease_takes_its_keys_and_refuses_writes(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1", ttl=2)
+    snap = backend.submit("u.service")
+    reg.claim("u.service", "m1", lease, snap.revision, snap.desired["u.service"].revision,
+              NO_GUARDS)
+    state = PublishedState("m1", "loaded", "active", "running", "h", 1.0, "why")
+    reg.publish_state("u.service", state, lease)
+    assert reg.snapshot().states["u.service"]["m1"] == state
+    deadline = time.monotonic() + 15
+    backend.expire(3.5)
+    while backend.kind == "etcd" and "m1" in reg.snapshot().machines:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    after = reg.snapshot()
+    assert "m1" not in after.machines and "u.service" not in after.owners
+    assert "u.service" not in after.states
+    assert reg.keepalive(lease) == 0
+    with pytest.raises(RegistryUnavailable):
+        reg.publish_state("u.service", state, lease)
+    with pytest.raises(RegistryUnavailable):
+        reg.register_machine(Machine("m1"), lease)
+    assert "m1" not in reg.snapshot().machines
+
+
+def test_revoke_removes_every_key_of_the_lease_at_once(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("u.service")
+    reg.claim("u.service", "m1", lease, snap.revision, snap.desired["u.service"].revision,
+              NO_GUARDS)
+    before = reg.snapshot().revision
+    events: list[WatchEvent] = []
+    cancel = reg.watch(before + 1, lambda b: events.extend(b) if isinstance(b, list) else None)
+    try:
+        reg.revoke(lease)
+        deadline = time.monotonic() + 10
+        while len(events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        cancel()
+    assert {e.key for e in events} == {
+        reg.layout.machine("m1"),
+        reg.layout.owner("u.service"),
+    }
+    assert all(e.value is None for e in events)
+    assert len({e.mod_revision for e in events}) == 1
+
+
+def test_watch_reports_every_change_in_order_from_the_revision(backend: Backend) -> None:
+    reg = backend.registry
+    start = reg.snapshot().revision
+    backend.submit("a.service")
+    events: list[WatchEvent] = []
+    cancel = reg.watch(start + 1, lambda b: events.extend(b) if isinstance(b, list) else None)
+    try:
+        reg.set_desired(["a.service"], DesiredState.INACTIVE)
+        reg.destroy(["a.service"])
+        deadline = time.monotonic() + 10
+        while len(events) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        cancel()
+    keys = [(e.key.rsplit("/", 2)[-2], e.value is None) for e in events]
+    assert keys == [
+        ("unit", False),
+        ("desired", False),
+        ("desired", False),
+        ("unit", True),
+        ("desired", True),
+    ]
+    revisions = [e.mod_revision for e in events]
+    assert revisions == sorted(revisions) and revisions[0] == start + 1
+    snap = Snapshot()
+    for e in events:
+        snap.apply(reg.layout, e.key, e.value, e.mod_revision, e.create_revision)
+    assert snap.units == {} and snap.desired == {}
+
+
+def test_write_units_is_guarded_on_what_the_writer_saw(backend: Backend) -> None:
+    reg = backend.registry
+    seen = reg.snapshot()
+    backend.submit("a.service")
+    changed = "[Service]\nExecStart=/bin/true\n"
+    record = UnitRecord("a.service", changed, content_hash(changed))
+    assert not reg.write_units([record], DesiredState.LAUNCHED, seen)
+    assert reg.write_units([record], DesiredState.LAUNCHED, reg.snapshot())
+    assert reg.snapshot().units["a.service"].text == changed
+
+
+def test_move_requests_are_stored_and_cleared(backend: Backend) -> None:
+    reg = backend.registry
+    reg.request_move("a.service", "m2")
+    assert reg.snapshot().moves == {"a.service": "m2"}
+    reg.clear_move("a.service")
+    assert reg.snapshot().moves == {}
+
+
+def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> None:
+    reg = backend.registry
+    if isinstance(reg, FakeRegistry):
+        reg.put_raw(reg.layout.unit(".x.service"), b"{}")
+        reg.put_raw(reg.layout.desired("a.service"), b"\xff\xfe")
+    else:
+        assert isinstance(reg, EtcdRegistry)
+        reg._client.put(reg.layout.unit(".x.service"), b"{}")
+        reg._client.put(reg.layout.desired("a.service"), b"\xff\xfe")
+    snap = reg.snapshot()
+    assert set(snap.refused) == {reg.layout.unit(".x.service"), reg.layout.desired("a.service")}
+    assert snap.units == {} and snap.desired == {}

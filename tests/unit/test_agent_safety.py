@@ -1,0 +1,495 @@
+"""The agent's safety promise, driven step by step with a fake registry, fake systemd managers
+and a fake clock: no thread, no sleep, every instant chosen by the test.
+
+- fencing: units get SIGTERM at deadline - margin and SIGKILL half a margin before the deadline,
+  measured from the *send* time of the last keep-alive, and nothing starts while fenced;
+- release ordering: a unit that moves (Replaces, metadata, destroy) is released only once its
+  manager reports it stopped, and says "deactivating" with the reason meanwhile;
+- restart adoption: a fleetd that exits for a restart (or is killed) leaves its units running; a
+  successor within the lease adopts them with the same MainPID, else the guard stops them before
+  the lease expires;
+- isolation: bad registry entries and failing units never stop a round.
+
+At every step the tests check that no unit runs on two machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fleetd.agent import Agent, ExitMode
+from fleetd.agent.lease import LeaseFile
+from fleetd.clock import FakeClock
+from fleetd.config import Config
+from fleetd.errors import RegistryUnavailable
+from fleetd.fake_registry import FakeRegistry
+from fleetd.fake_systemd import FakeUnitManager
+from fleetd.guard import Guard
+from fleetd.model import DesiredState, Machine, PublishedState
+from fleetd.snapshot import UnitRecord
+from fleetd.unitfile import content_hash
+
+TTL = 10.0
+MARGIN = 3.0  # Config's automatic margin for a 10 s TTL
+
+
+def unit(description: str = "u", xfleet: str = "") -> str:
+    text = f"[Unit]\nDescription={description}\n\n[Service]\nExecStart=/bin/sleep 1000\n"
+    return text + (f"\n[X-Fleet]\n{xfleet}\n" if xfleet else "")
+
+
+class Cluster:
+    """Agents on one fake registry and one fake clock; `settle()` turns every agent a few times
+    and checks after every single step that no unit runs on two machines."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = FakeClock()
+        self.registry = FakeRegistry(clock=self.clock)
+        self.tmp_path = tmp_path
+        self.agents: dict[str, Agent] = {}
+        self.managers: dict[str, FakeUnitManager] = {}
+
+    def add(
+        self,
+        name: str,
+        metadata: dict[str, str] | None = None,
+        manager: FakeUnitManager | None = None,
+        join: bool = True,
+    ) -> Agent:
+        machine_id = (name * 32)[:32].encode().hex()[:32]
+        config = Config(
+            machine_id=machine_id,
+            hostname=name,
+            agent_ttl=TTL,
+            claim_stagger=0.0,
+            metadata=metadata or {},
+        )
+        manager = manager or self.managers.get(name) or FakeUnitManager()
+        agent = Agent(
+            config,
+            self.registry,
+            manager,
+            clock=self.clock,
+            wall=self.clock,
+            owns_registry=False,
+            lease_file=LeaseFile(self.tmp_path / name / "lease.json"),
+            guard_argv=["guard", name],
+            settle=0.0,
+        )
+        self.agents[name] = agent
+        self.managers[name] = manager
+        if join:
+            agent.start_up()
+            agent.keeper.tick()
+            self.step(name)
+        return agent
+
+    def step(self, name: str) -> None:
+        self.agents[name].step()
+        self.check()
+
+    def settle(self, rounds: int = 4) -> None:
+        for _ in range(rounds):
+            for name in list(self.agents):
+                self.step(name)
+
+    def submit(self, units: dict[str, str]) -> None:
+        records = [UnitRecord(n, t, content_hash(t)) for n, t in units.items()]
+        assert self.registry.write_units(records, DesiredState.LAUNCHED, self.registry.snapshot())
+
+    def running(self, unit_name: str) -> set[str]:
+        """Machines whose manager runs the unit (a stopping unit still runs)."""
+        out = set()
+        for name, manager in self.managers.items():
+            state = manager.states([unit_name])[unit_name]
+            if state.active in ("active", "activating", "deactivating"):
+                out.add(name)
+        return out
+
+    def check(self) -> None:
+        names = {n for m in self.managers.values() for n in m.loaded_units()}
+        names |= set(self.registry.snapshot().units)
+        for name in names:
+            assert len(self.running(name)) <= 1, f"{name} runs on {self.running(name)}"
+
+    def owner(self, unit_name: str) -> str | None:
+        owner = self.registry.snapshot().owner_of(unit_name)
+        for name, agent in self.agents.items():
+            if agent.me == owner:
+                return name
+        return owner
+
+    def published(self, unit_name: str, machine: str) -> PublishedState | None:
+        states = self.registry.snapshot().states.get(unit_name, {})
+        return states.get(self.agents[machine].me)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Cluster:
+    return Cluster(tmp_path)
+
+
+def advance_to(cluster: Cluster, instant: float) -> None:
+    cluster.clock.advance(max(0.0, instant - cluster.clock()))
+
+
+# ----------------------------------------------------------------------------------- fencing
+
+
+def test_fencing_stops_then_kills_before_the_deadline_counted_from_the_send_time(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    cluster.managers["a"].slow_stop.add("u.service")  # ignores SIGTERM
+    cluster.submit({"u.service": unit()})
+    cluster.settle()
+    assert cluster.running("u.service") == {"a"}
+
+    # The keep-alive is sent at t0, its answer takes 2 s: the deadline is t0 + TTL.
+    sent = cluster.clock()
+    slow = cluster.registry.keepalive
+
+    def late_answer(lease_id: int) -> float:
+        remaining = slow(lease_id)
+        cluster.clock.advance(2.0)
+        return remaining
+
+    cluster.registry.keepalive = late_answer  # type: ignore[method-assign]
+    a.keeper.tick()
+    cluster.registry.keepalive = slow  # type: ignore[method-assign]
+    deadline = a.lease().deadline
+    assert deadline == sent + TTL
+
+    cluster.registry.unavailable = True  # partitioned from etcd from now on
+    advance_to(cluster, deadline - MARGIN - 0.01)
+    a.keeper.tick()
+    a.fencer.tick()
+    assert cluster.managers["a"].states(["u.service"])["u.service"].active == "active"
+
+    advance_to(cluster, deadline - MARGIN)
+    a.fencer.tick()
+    assert cluster.managers["a"].states(["u.service"])["u.service"].active == "deactivating"
+    # Nothing starts while fenced, whatever the registry says.
+    a.step()
+    assert cluster.managers["a"].kills == []
+
+    advance_to(cluster, deadline - MARGIN / 2)
+    a.fencer.tick()
+    assert cluster.managers["a"].kills == ["u.service"]
+    assert cluster.running("u.service") == set()
+    assert cluster.clock() < deadline
+
+    # The lease runs out in etcd; another machine takes the unit, and the healed machine joins
+    # again with a new lease without taking it back.
+    cluster.registry.unavailable = False
+    advance_to(cluster, deadline + 0.01)
+    cluster.registry.expire()
+    cluster.add("b")
+    cluster.settle()
+    assert cluster.running("u.service") == {"b"}
+    a.keeper.tick()  # finds its lease gone
+    a.keeper.tick()  # takes a new one and registers
+    assert a.lease().registered
+    cluster.settle()
+    assert cluster.running("u.service") == {"b"}
+
+
+def test_a_start_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    real_start = manager.start
+
+    def start_then_lose_the_lease(name: str) -> None:
+        real_start(name)
+        cluster.clock.advance(TTL)  # the start call took "forever": fencing is due
+
+    manager.start = start_then_lose_the_lease  # type: ignore[method-assign]
+    cluster.submit({"u.service": unit()})
+    a.step()
+    with pytest.raises(RegistryUnavailable):
+        a.step()  # the lease expired meanwhile: publishing the state fails, the loop retries
+    assert manager.states(["u.service"])["u.service"].active == "inactive"
+
+
+def test_hung_systemd_call_does_not_block_fencing(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    cluster.submit({"steady.service": unit("steady", f"MachineID={a.me}")})
+    cluster.settle()
+    assert cluster.running("steady.service") == {"a"}
+    release = threading.Event()
+    entered = threading.Event()
+    real_start = manager.start
+
+    def hanging_start(name: str) -> None:
+        if name == "hang.service":
+            entered.set()
+            release.wait(30)
+        real_start(name)
+
+    manager.start = hanging_start  # type: ignore[method-assign]
+    cluster.submit({"hang.service": unit("hang", f"MachineID={a.me}")})
+    a.step()  # the claim
+
+    def one_round() -> None:
+        with contextlib.suppress(RegistryUnavailable):  # partitioned by the time it publishes
+            a.step()
+
+    round_thread = threading.Thread(target=one_round, daemon=True)
+    round_thread.start()
+    assert entered.wait(10)
+    try:
+        cluster.registry.unavailable = True
+        advance_to(cluster, a.lease().deadline - MARGIN)
+        fencing = threading.Thread(target=a.fencer.tick, daemon=True)
+        fencing.start()
+        fencing.join(10)
+        assert not fencing.is_alive(), "fencing waited for the hung start"
+        assert manager.states(["steady.service"])["steady.service"].active == "inactive"
+    finally:
+        release.set()
+        round_thread.join(10)
+
+
+# --------------------------------------------------------------------------- release order
+
+
+def test_replaced_unit_is_released_only_after_it_stopped(cluster: Cluster) -> None:
+    cluster.add("a")
+    cluster.add("b")
+    cluster.submit({"old.service": unit("old")})
+    cluster.settle()
+    home = cluster.owner("old.service")
+    assert home is not None and cluster.running("old.service") == {home}
+    cluster.managers[home].slow_stop.add("old.service")
+    cluster.submit({"new.service": unit("new", "Replaces=old.service")})
+    cluster.settle()
+    # Stopping, not released: the other machine cannot claim it yet.
+    assert cluster.owner("old.service") == home
+    assert cluster.running("old.service") == {home}
+    state = cluster.published("old.service", home)
+    assert state is not None and state.active == "deactivating"
+    assert "replaced by new.service" in state.reason
+    cluster.settle()
+    assert cluster.owner("old.service") == home
+    # The stop completes (the unit's own stop timeout ran out): released, started elsewhere.
+    cluster.managers[home].finish_stop("old.service")
+    cluster.settle()
+    other = ({"a", "b"} - {home}).pop()
+    assert cluster.owner("old.service") == other
+    assert cluster.running("old.service") == {other}
+    assert cluster.running("new.service") == {home}
+
+
+@pytest.mark.parametrize("move", ["metadata", "destroy", "rebalance"])
+def test_moves_wait_for_the_stop(cluster: Cluster, move: str) -> None:
+    cluster.add("a", {"disk": "ssd"})
+    cluster.add("b", {"disk": "ssd"})
+    cluster.submit({"s.service": unit("s", "MachineMetadata=disk=ssd")})
+    cluster.settle()
+    home = cluster.owner("s.service")
+    assert home is not None
+    other = ({"a", "b"} - {home}).pop()
+    cluster.managers[home].slow_stop.add("s.service")
+    agent = cluster.agents[home]
+    if move == "metadata":
+        agent.update_config(dataclasses.replace(agent.config, metadata={"disk": "hdd"}))
+    elif move == "destroy":
+        cluster.registry.destroy(["s.service"])
+    else:
+        cluster.registry.request_move("s.service", cluster.agents[other].me)
+    cluster.settle()
+    assert cluster.running("s.service") == {home}
+    assert cluster.owner("s.service") == home
+    state = cluster.published("s.service", home)
+    assert state is not None and state.active == "deactivating" and state.reason
+    cluster.managers[home].finish_stop("s.service")
+    cluster.settle()
+    if move == "destroy":
+        assert cluster.owner("s.service") is None
+        assert cluster.running("s.service") == set()
+    else:
+        assert cluster.running("s.service") == {other}
+    assert "s.service" not in cluster.managers[home].loaded_units()
+
+
+# -------------------------------------------------------------------------- restart adoption
+
+
+@pytest.mark.parametrize("how", ["sigusr2", "sigkill"])
+def test_successor_within_the_lease_adopts_the_units_without_restarting_them(
+    cluster: Cluster, how: str
+) -> None:
+    a = cluster.add("a")
+    cluster.submit({f"u{i}.service": unit(f"u{i}") for i in range(3)})
+    cluster.settle()
+    manager = cluster.managers["a"]
+    names = [f"u{i}.service" for i in range(3)]
+    pids = manager.main_pids(names)
+    assert all(pids.values())
+    owners = {n: cluster.registry.snapshot().owners[n].revision for n in names}
+    lease = a.lease().lease_id
+    if how == "sigusr2":
+        a.stop(mode=ExitMode.RESTART)
+        a.shutdown()
+    # (sigkill: the process is simply gone; its last lease file stays.)
+    cluster.clock.advance(TTL - MARGIN - 1.0)  # back before fencing would be due
+    calls: list[str] = []
+    for method in ("start", "stop", "kill", "unload"):
+        real = getattr(manager, method)
+
+        def record(name: str, _real: Callable[[str], None] = real, _m: str = method) -> None:
+            calls.append(f"{_m} {name}")
+            _real(name)
+
+        setattr(manager, method, record)
+    successor = cluster.add("a")
+    assert successor.lease().lease_id == lease
+    cluster.settle()
+    assert calls == []
+    assert manager.main_pids(names) == pids
+    snap = cluster.registry.snapshot()
+    assert {n: snap.owners[n].revision for n in names} == owners
+    assert all(snap.states[n][successor.me].active == "active" for n in names)
+
+
+def test_without_a_successor_the_guard_stops_the_units_before_the_lease_expires(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    manager.slow_stop.add("u.service")
+    cluster.submit({"u.service": unit()})
+    cluster.settle()
+    assert list(manager.guards.values()) == [["guard", "a"]]
+    deadline = a.lease().deadline
+    a.stop(mode=ExitMode.RESTART)
+    a.shutdown()
+    guard = Guard(LeaseFile(cluster.tmp_path / "a" / "lease.json"), manager, MARGIN, cluster.clock)
+    advance_to(cluster, deadline - MARGIN - 0.01)
+    assert guard.tick()
+    assert cluster.running("u.service") == {"a"}
+    advance_to(cluster, deadline - MARGIN)
+    assert guard.tick()
+    assert manager.states(["u.service"])["u.service"].active == "deactivating"
+    advance_to(cluster, deadline - MARGIN / 2)
+    assert guard.tick()
+    assert cluster.running("u.service") == set()
+    assert cluster.clock() < deadline
+    advance_to(cluster, deadline + 0.01)
+    assert not guard.tick()  # that lease is over: nothing left to guard
+    cluster.registry.expire()
+    cluster.add("b")
+    cluster.settle()
+    assert cluster.running("u.service") == {"b"}
+    # The machine's fleetd comes back late: new lease, the unit stays where it is.
+    del cluster.agents["a"]
+    late = cluster.add("a")
+    assert late.lease().lease_id != a.lease().lease_id
+    cluster.settle()
+    assert cluster.running("u.service") == {"b"}
+
+
+def test_drain_releases_everything_and_removes_the_lease_file(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    cluster.submit({"u.service": unit()})
+    cluster.settle()
+    a.stop(mode=ExitMode.DRAIN)
+    a.shutdown()
+    snap = cluster.registry.snapshot()
+    assert a.me not in snap.machines and "u.service" not in snap.owners
+    assert cluster.managers["a"].loaded_units() == {}
+    assert not (cluster.tmp_path / "a" / "lease.json").exists()
+
+
+def test_units_of_an_earlier_run_without_a_lease_are_stopped_before_joining(
+    cluster: Cluster,
+) -> None:
+    manager = FakeUnitManager()
+    manager.load("orphan.service", unit("orphan"))
+    manager.start("orphan.service")
+    a = cluster.add("a", manager=manager, join=False)
+    a.start_up()
+    assert manager.states(["orphan.service"])["orphan.service"].active == "inactive"
+
+
+# ----------------------------------------------------------------------------------- isolation
+
+
+def test_invalid_registry_entries_are_refused_once_and_never_stop_a_round(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fleetd")
+    prefix = cluster.registry.layout.prefix
+    good_json = json.dumps({"name": "x", "text": unit(), "hash": content_hash(unit())})
+    cluster.registry.put_raw(prefix + "unit/.x.service", good_json.encode())
+    cluster.registry.put_raw(prefix + "desired/.x.service", b"launched")
+    cluster.add("a")
+    bad = {
+        prefix + "unit/junk.service": bytes(range(256)),
+        prefix + "unit/list.service": b"[1, 2]",
+        prefix + "desired/other.service": b"bogus",
+        prefix + "owner/a b.service": b'{"machine_id": "x"}',
+        prefix + "no-such-kind/foo": b"1",
+        prefix + "state/u.service": b"{}",
+    }
+    for key, value in bad.items():
+        cluster.registry.put_raw(key, value)
+    cluster.submit({"ok.service": unit("ok")})
+    cluster.settle()
+    assert cluster.running("ok.service") == {"a"}
+    refused = cluster.agents["a"].mirror.copy().refused
+    assert set(refused) == {prefix + "unit/.x.service", prefix + "desired/.x.service", *bad}
+    assert "must not start with '.'" in refused[prefix + "unit/.x.service"]
+    assert "undecodable" in refused[prefix + "unit/junk.service"]
+    ignoring = [r.message for r in caplog.records if "ignoring registry entry" in r.message]
+    assert len(ignoring) == len(refused)  # one line each, not one per round
+
+
+def test_one_failing_unit_does_not_stop_the_others_and_is_retried_with_backoff(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    attempts: list[str] = []
+    real_start = manager.start
+
+    def start(name: str) -> None:
+        attempts.append(name)
+        if name == "bad.service":
+            raise RuntimeError("an unexpected bug in one unit's path")
+        real_start(name)
+
+    manager.start = start  # type: ignore[method-assign]
+    pin = f"MachineID={a.me}"
+    cluster.submit({"bad.service": unit("bad", pin), "good.service": unit("good", pin)})
+    cluster.settle(2)
+    assert cluster.running("good.service") == {"a"}
+    assert attempts.count("bad.service") == 1
+    cluster.clock.advance(1.1)
+    cluster.settle(1)
+    assert attempts.count("bad.service") == 2
+
+
+def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    lease = a.lease().lease_id
+    assert lease is not None
+    cluster.registry.revoke(lease)
+    with pytest.raises(RegistryUnavailable):
+        cluster.registry.publish_state(
+            "u.service", PublishedState(a.me, "loaded", "active", "running", "h", 0.0), lease
+        )
+    with pytest.raises(RegistryUnavailable):
+        cluster.registry.update_machine(Machine(a.me), lease)
+    assert cluster.registry.snapshot().machines == {}

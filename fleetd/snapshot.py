@@ -202,6 +202,16 @@ class Snapshot:
                 parse_unit_name(parsed.name)
             except InvalidUnitName as exc:
                 reason = str(exc)
+        too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
+        if reason is None and parsed is not None and parsed.kind is Kind.UNIT and too_large:
+            # fleetctl never stores more; a larger value came from another writer, and an
+            # agent does not build a file from it.
+            assert value is not None
+            reason = (
+                f"stored unit of {len(value)} bytes exceeds the limit of "
+                f"{MAX_UNIT_VALUE_BYTES} bytes"
+            )
+            self._delete(parsed)
         if reason is None and parsed is not None:
             # A valid put replaces whatever the key held; a refused one leaves nothing behind.
             self._delete(parsed)

@@ -444,3 +444,26 @@ def test_fleetd_reads_its_etcd_password_from_a_file(tmp_path: Path) -> None:
 def test_fleetd_credentials_are_checked(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, {**MACHINE, **env}, {})
+
+
+# ------------------------------------------------------------------- the agents' side
+
+
+def test_a_stored_unit_over_the_limit_is_refused_by_the_agents() -> None:
+    from fleetd.keys import KeyLayout
+    from fleetd.snapshot import encode_unit
+
+    layout = KeyLayout("/fleet/")
+    snap = Snapshot()
+    small = record("x.service", HELLO)
+    assert snap.apply(layout, layout.unit("x.service"), encode_unit(small).encode(), 3) is None
+    assert "x.service" in snap.units
+    text = "#" * MAX_UNIT_VALUE_BYTES
+    big = encode_unit(UnitRecord("x.service", text, content_hash(text))).encode()
+    reason = snap.apply(layout, layout.unit("x.service"), big, 4)
+    assert reason == (
+        f"stored unit of {len(big)} bytes exceeds the limit of {MAX_UNIT_VALUE_BYTES} bytes"
+    )
+    # The older, valid content is gone too: nobody runs what the key no longer holds.
+    assert "x.service" not in snap.units
+    assert snap.refused == {layout.unit("x.service"): reason}

@@ -172,5 +172,7 @@ REGRESSIONS: list[tuple[str, bytes]] = [
 @pytest.mark.parametrize(("key", "value"), REGRESSIONS)
 def test_regressions(key: str, value: bytes) -> None:
     snapshot = Snapshot()
-    assert snapshot.apply(LAYOUT, key, value, 7, 7)
+    reason = snapshot.apply(LAYOUT, key, value, 7, 7)
+    assert reason is not None and "undecodable value" in reason
     assert not snapshot.units and not snapshot.states
+    assert snapshot.refused == {key: reason}

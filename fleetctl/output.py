@@ -349,9 +349,12 @@ def unit_files_document(snapshot: Snapshot) -> dict[str, Any]:
                 "machine": None if global_ else snapshot.owner_of(name),
                 "hash": record.hash,
                 "description": description(record) or None,
+                "refused": record.invalid_reason,
             }
         )
-    return {"unit_files": entries}
+    # Entries no agent acts on (a bad name, an undecodable or oversized value): by key.
+    refused = [{"key": key, "reason": reason} for key, reason in sorted(snapshot.refused.items())]
+    return {"unit_files": entries, "refused_entries": refused}
 
 
 def refused_messages(snapshot: Snapshot, names: Sequence[str] | None = None) -> list[str]:

@@ -183,7 +183,9 @@ def test_list_unit_files_json(fake: FakeRegistry) -> None:
         "machine": A,
         "hash": content_hash(HELLO),
         "description": "Hello 1",
+        "refused": None,
     }
+    assert doc["refused_entries"] == []
     assert by_name["global.service"]["global"] is True
     assert by_name["global.service"]["state"] is None
     assert by_name["idle.service"]["desired_state"] == "inactive"
@@ -467,3 +469,15 @@ def test_a_stored_unit_over_the_limit_is_refused_by_the_agents() -> None:
     # The older, valid content is gone too: nobody runs what the key no longer holds.
     assert "x.service" not in snap.units
     assert snap.refused == {layout.unit("x.service"): reason}
+
+
+def test_refused_entries_are_in_the_json_too(fake: FakeRegistry) -> None:
+    fake.snap.refused = {"/fleet/unit/bad name.service": "unit name has invalid characters"}
+    fake.snap.units["broken.service"] = record("broken.service", "[X-Fleet]\nMaxPerZone=0\n")
+    doc = parsed(run("list-unit-files", "-o", "json"))
+    assert isinstance(doc, dict)
+    assert doc["refused_entries"] == [
+        {"key": "/fleet/unit/bad name.service", "reason": "unit name has invalid characters"}
+    ]
+    (broken,) = [u for u in doc["unit_files"] if u["unit"] == "broken.service"]
+    assert "MaxPerZone" in broken["refused"]

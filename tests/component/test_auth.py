@@ -21,6 +21,7 @@ from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
 from tests.support.agents import Harness, unit_text
+from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
 
 pytestmark = pytest.mark.component
 
@@ -210,3 +211,17 @@ def test_an_agent_refused_by_etcd_keeps_retrying_and_never_joins(
         assert node.agent.me not in harness.snapshot().machines
     finally:
         harness.stop_all()
+
+
+def test_credentials_before_etcd_has_auth_on_are_accepted(
+    etcd: EtcdCluster,  # noqa: F811
+    etcd_prefix: str,  # noqa: F811
+) -> None:
+    """Agents can be given their user before `etcdctl auth enable`: they go without a token."""
+    registry = EtcdRegistry(etcd.endpoints, etcd_prefix, username="agent", password="pw")
+    try:
+        registry.request_move("x.service", "0" * 32)
+        assert registry.snapshot().moves == {"x.service": "0" * 32}
+        registry.clear_move("x.service")
+    finally:
+        registry.close()

@@ -1,6 +1,7 @@
 """Fuzzing of everything that reads outside input: unit names, unit files and [X-Fleet] rules
-(fleetctl's arguments, and the agents' copy of whatever a client stored), registry keys and
-values (anyone with write access to etcd), and planning over a registry built from such values.
+(fleetctl's arguments, and the agents' copy of whatever a client stored), fleetd's metadata and
+fleetctl's --fields, registry keys and values (anyone with write access to etcd), and planning
+over a registry built from such values.
 
 The contract under test: bad input is refused with the project's own error types, or ignored by
 the registry decoder; no other exception escapes. Each property has a bounded budget (examples,
@@ -18,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fleetd.errors import InvalidUnitFile, InvalidUnitName
+from fleetctl.output import UNIT_FIELDS, UnknownField, parse_fields
+from fleetd.config import parse_metadata
+from fleetd.errors import ConfigError, InvalidUnitFile, InvalidUnitName
 from fleetd.keys import KeyLayout, Kind
 from fleetd.placement import View, explain, plan_placements
 from fleetd.planner import plan_local, release_reasons
@@ -31,6 +34,7 @@ from fleetd.unitfile import (
     requirements_for,
 )
 
+JSONISH_SMALL = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
 BUDGET = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -115,6 +119,32 @@ def test_unit_files_parse_or_are_refused(text: str, name: str) -> None:
         return
     # Whatever parses, parses the same way twice (the agents and fleetctl agree).
     assert requirements_for(text, name) == requirements_for(text, name)
+
+
+# ------------------------------------------------------------------- other operator input
+
+
+@BUDGET
+@given(st.one_of(st.text(max_size=60), st.dictionaries(st.text(max_size=8), JSONISH_SMALL)))
+@example("a=b,,=c")
+@example({"": ""})
+def test_fleetd_metadata_parses_or_is_refused(value: object) -> None:
+    try:
+        metadata = parse_metadata(value, "test")
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in metadata.items())
+
+
+@BUDGET
+@given(st.text(max_size=40))
+def test_fields_parse_or_are_refused(spec: str) -> None:
+    try:
+        fields = parse_fields(spec, UNIT_FIELDS)
+    except UnknownField:
+        return
+    assert fields and set(fields) <= set(UNIT_FIELDS)
 
 
 # ---------------------------------------------------------------------- registry decoder

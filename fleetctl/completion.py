@@ -114,6 +114,16 @@ def complete_machine_ids(ctx: typer.Context, incomplete: str) -> list[tuple[str,
     ]
 
 
+def complete_machine_or_unit(ctx: typer.Context, incomplete: str) -> list[str]:
+    """For commands aimed at a machine or at the machine running a unit (`ssh`): machine ids,
+    machine names and unit names."""
+    snapshot = _snapshot(ctx)
+    if snapshot is None:
+        return []
+    names = [m.name for m in snapshot.machines.values() if m.name]
+    return _matching([*snapshot.machines, *names, *snapshot.units], incomplete)
+
+
 def fields_completer(valid: tuple[str, ...]) -> Callable[[str], list[str]]:
     """Completes the last item of a comma-separated --fields value."""
 

@@ -113,6 +113,9 @@ def test_completion_offers_registry_units_and_machines(harness: Harness, tmp_pat
 
     machines = completion.complete_machine_ids(Ctx(), node.agent.me[:4])  # type: ignore[arg-type]
     assert machines == [(node.agent.me, "core-01")]
+    assert completion.complete_machine_or_unit(Ctx(), "") == sorted(  # type: ignore[arg-type]
+        [node.agent.me, "core-01", "db.service", "web@1.service", "web@2.service"]
+    )
 
 
 def read_pty(fd: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> bytes:

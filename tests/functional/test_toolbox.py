@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import tempfile
@@ -182,3 +184,53 @@ def test_fleet_runs_fully_with_its_roles_and_json_tells_the_truth(
         wait_until(lambda: len(registry.snapshot().machines) == 3, what="machines still up")
     finally:
         registry.close()
+
+
+def test_progress_on_a_terminal_and_completion_of_the_cluster_units(
+    secured: Secured, tmp_path: Path
+) -> None:
+    admin = auth.ADMIN_USER
+    paths = [write_unit(tmp_path, f"tty{i}.service") for i in range(3)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))}
+    env["FLEETCTL_ENDPOINT"] = secured.endpoint
+    env["FLEETCTL_USERNAME"], env["FLEETCTL_PASSWORD"] = secured.users[admin]
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "fleetctl"), "start", *map(str, paths)],
+        stdout=slave, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    shown = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    assert proc.wait(120) == 0
+    text = shown.decode()
+    # The first poll comes right after the write, long before an agent can start a unit.
+    assert "\r\x1b[K[0/3 done] waiting for tty" in text
+    final = [line.split("\r\x1b[K")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    assert sorted(line.split(" launched")[0] for line in final if line) == [
+        f"Unit tty{i}.service" for i in range(3)
+    ]
+
+    complete = dict(env, _FLEETCTL_COMPLETE="complete_bash", COMP_WORDS="fleetctl stop tty",
+                    COMP_CWORD="2")  # fmt: skip
+    offered = subprocess.run(
+        [str(VENV_BIN / "fleetctl")], env=complete, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert offered.stdout.split() == [f"tty{i}.service" for i in range(3)]
+    secured.fleetctl(admin, "destroy", *[p.name for p in paths])

@@ -503,6 +503,7 @@ def status_document(snapshot: Snapshot, records: Sequence[UnitRecord]) -> dict[s
                 "owner": owner,
                 "machines": machines,
                 "not_scheduled": not_scheduled,
+                "refused": record.invalid_reason,
             }
         )
     return {"units": units}

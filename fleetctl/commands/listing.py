@@ -31,10 +31,10 @@ def list_machines(
     each last renewed its lease)."""
     fmt = output.parse_output(output_format)
     columns = output.machine_fields(fields, full)
-    output.parse_fields(columns, output.MACHINE_FIELDS)
+    # Lease ages cost a read per machine: only for the column that shows them (and JSON).
+    wants_ages = fmt == "json" or "renewed" in output.parse_fields(columns, output.MACHINE_FIELDS)
     reg = registry(ctx)
     snapshot = reg.snapshot()
-    wants_ages = fmt == "json" or "renewed" in output.parse_fields(columns, output.MACHINE_FIELDS)
     ages = reg.lease_ages(snapshot.machines) if wants_ages else {}
     if fmt == "json":
         output.raw(output.document(output.machines_document(snapshot, ages)))

@@ -198,6 +198,7 @@ def test_status_json_running_and_unschedulable(fake: FakeRegistry) -> None:
     assert hello["unit"] == "hello@1.service"
     assert hello["owner"] == A
     assert hello["not_scheduled"] is None
+    assert hello["refused"] is None
     assert hello["machines"] == [
         {
             "machine": A,

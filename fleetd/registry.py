@@ -34,6 +34,7 @@ from fleetd.errors import (
     FleetError,
     PermissionDenied,
     RegistryUnavailable,
+    UnitTooLarge,
 )
 from fleetd.keys import KeyLayout, Kind, range_end
 from fleetd.model import DesiredState, Machine, PublishedState
@@ -223,8 +224,9 @@ class EtcdRegistry:
             except Exception:
                 log.debug("closing the watch stream failed", exc_info=True)
 
-    def _auth_failure(self, exc: BaseException, doing: str) -> FleetError | None:
-        """The typed error for an authentication or permission failure, else None."""
+    def _refusal(self, exc: BaseException, doing: str) -> FleetError | None:
+        """The typed error for a request etcd refused (authentication, permission, size), else
+        None."""
         details = _details(exc)
         where = ",".join(self.endpoints)
         who = f"user {self.username!r}" if self.username else "an anonymous client"
@@ -237,6 +239,12 @@ class EtcdRegistry:
             return AuthError(f"etcd at {where} requires authentication and no user was given")
         if "authentication failed" in details:
             return AuthError(f"etcd at {where} refused {who}: wrong user name or password")
+        if "request is too large" in details or "larger than max" in details:
+            return UnitTooLarge(
+                f"etcd at {where} refused the request as too large ({details}): its "
+                f"--max-request-bytes is below the {MAX_REQUEST_BYTES} bytes fleet expects; "
+                "make the unit files smaller or raise that limit"
+            )
         if "permission denied" in details:
             return PermissionDenied(
                 f"etcd at {where} denied {who} {doing} under {self.layout.prefix}: "
@@ -253,7 +261,7 @@ class EtcdRegistry:
                 self._authenticate()
             yield
         except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
-            denied = self._auth_failure(exc, doing)
+            denied = self._refusal(exc, doing)
             if denied is not None:
                 raise denied from exc
             reason = _reason(exc)
@@ -275,7 +283,7 @@ class EtcdRegistry:
             try:
                 with self._calling(doing):
                     return call()
-            except (AuthError, PermissionDenied):
+            except (AuthError, PermissionDenied, UnitTooLarge):
                 # Another endpoint would give the same answer.
                 raise
             except RegistryUnavailable as exc:

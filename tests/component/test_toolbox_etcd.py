@@ -211,3 +211,20 @@ def test_units_near_the_limit_are_stored_and_read_back(
     finally:
         registry.destroy(r.name for r in records)
         registry.close()
+
+
+def test_an_etcd_with_a_smaller_request_limit_is_one_line(tmp_path: Path) -> None:
+    small = EtcdCluster.start(tmp_path / "small", extra=["--max-request-bytes", "65536"])
+    try:
+        path = tmp_path / "big.service"
+        path.write_text(unit_text() + "#" * 100_000 + "\n")
+        proc = subprocess.run(
+            [*FLEETCTL, "--endpoint", small.endpoints[0], "submit", str(path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "refused the request as too large (etcdserver: request is too large)" in proc.stderr
+        assert "raise that limit" in proc.stderr
+    finally:
+        small.stop()

@@ -364,10 +364,16 @@ def refused_messages(snapshot: Snapshot, names: Sequence[str] | None = None) -> 
     for name, record in sorted(snapshot.units.items()):
         reason = record.invalid_reason
         if reason and (names is None or name in names):
-            lines.append(f"unit {name} is refused by every agent: {reason}")
+            lines.append(
+                f"unit {name} is refused by every agent: {reason} (fix it and submit it with "
+                f"--replace, or destroy it)"
+            )
     for key, reason in sorted(snapshot.refused.items()):
         if names is None or any(key.endswith("/" + n) or f"/{n}/" in key for n in names):
-            lines.append(f"registry entry {key} is refused by every agent: {reason}")
+            lines.append(
+                f"registry entry {key} is refused by every agent: {reason} (not written by "
+                f"fleetctl; remove it with: etcdctl del '{key}')"
+            )
     return lines
 
 

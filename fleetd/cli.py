@@ -20,6 +20,7 @@ import typer
 from fleetd import __version__
 from fleetd.config import Config, config_flags, load_config, reload_metadata
 from fleetd.errors import FleetError
+from fleetd.runlock import hold_runtime_lock
 
 if TYPE_CHECKING:
     from fleetd.agent import Agent
@@ -123,6 +124,9 @@ def run(
     )
     try:
         config = load_config(config_path, os.environ, flags)
+        # Held until the process ends: a second fleetd of this machine must not adopt the
+        # live one's lease.
+        run_lock = hold_runtime_lock(Path(config.runtime_dir))
         agent = build_agent(config)
     except FleetError as exc:
         if debug:
@@ -152,7 +156,10 @@ def run(
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGUSR2, on_usr2)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        run_lock.close()
 
 
 def main() -> None:

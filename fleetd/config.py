@@ -75,21 +75,21 @@ def validate_timing(config: Config) -> None:
     ttl, margin = config.agent_ttl, config.margin
     if margin >= ttl / 2:
         raise ConfigError(
-            f"fence_margin {margin:g}s must be less than half of agent_ttl {ttl:g}s: "
+            f"fence_margin {margin:.3g}s must be less than half of agent_ttl {ttl:.3g}s: "
             "lower fence_margin or raise agent_ttl"
         )
     if margin < 0.5:
         raise ConfigError(
-            f"fence_margin {margin:g}s leaves units no time to be stopped and killed before "
+            f"fence_margin {margin:.3g}s leaves units no time to be stopped and killed before "
             "the lease expires: set it to at least 0.5 (or agent_ttl to at least 1.5)"
         )
     window = ttl - margin
     if config.request_timeout > window / 2:
         raise ConfigError(
-            f"etcd_request_timeout {config.request_timeout:g}s is too long for agent_ttl "
-            f"{ttl:g}s: units are fenced {window:g}s after the last keep-alive, and a hung "
+            f"etcd_request_timeout {config.request_timeout:.3g}s is too long for agent_ttl "
+            f"{ttl:.3g}s: units are fenced {window:.3g}s after the last keep-alive, and a hung "
             f"request must leave time to retry; set etcd_request_timeout to at most "
-            f"{window / 2:g} or raise agent_ttl"
+            f"{window / 2:.3g} or raise agent_ttl"
         )
 
 

@@ -20,10 +20,13 @@ behaviour it mirrors, as measured on systemd 252:
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 from fleetd.errors import SystemdError
 from fleetd.model import SystemdState
@@ -31,6 +34,7 @@ from fleetd.snapshot import UnitRecord, check_unit_size
 from fleetd.unitfile import content_hash, has_section, parse_unit_name
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+_R = TypeVar("_R")
 
 _EXEC_START = re.compile(r"^\s*ExecStart\s*=\s*(.*)$", re.MULTILINE)
 _EXIT_CODE = re.compile(r"\bexit\s+(\d+)")
@@ -75,11 +79,24 @@ class _Unit:
     pid: int = 0
 
 
+def _locked(method: Callable[..., _R]) -> Callable[..., _R]:
+    """One call at a time, as systemd serialises its bus requests: the agent's fencing thread and
+    a test's sampler call in while the reconcile thread does."""
+
+    @functools.wraps(method)
+    def call(self: FakeUnitManager, *args: object, **kwargs: object) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class FakeUnitManager:
     """In-memory UnitManager; see the module docstring for the systemd behaviour it mirrors."""
 
     def __init__(self, outcome: Callable[[str], Outcome] = outcome_from_exec_start) -> None:
         self._outcome = outcome
+        self._lock = threading.RLock()
         self._files: dict[str, str] = {}
         self._enabled: set[str] = set()
         self._memory: dict[str, _Unit] = {}
@@ -94,6 +111,7 @@ class FakeUnitManager:
         if self.hung:
             raise SystemdError(f"systemd could not {what} {name}: no answer within the timeout")
 
+    @_locked
     def load(self, name: str, text: str) -> None:
         _check_name(name)
         check_unit_size(UnitRecord(name, text, content_hash(text)))
@@ -104,6 +122,7 @@ class FakeUnitManager:
         else:
             self._enabled.discard(name)
 
+    @_locked
     def reload(self) -> None:
         self._answer("reload", "(all units)")
         self.reloads += 1
@@ -115,6 +134,7 @@ class FakeUnitManager:
                 unit.file_missing = True
         self._collect_garbage()
 
+    @_locked
     def start(self, name: str) -> None:
         _check_name(name)
         self._answer("start", name)
@@ -137,6 +157,7 @@ class FakeUnitManager:
             unit.active, unit.sub = "inactive", "dead"
         self._collect_garbage()
 
+    @_locked
     def stop(self, name: str) -> None:
         _check_name(name)
         self._answer("stop", name)
@@ -156,6 +177,7 @@ class FakeUnitManager:
             unit.pid = 0
         self._collect_garbage()
 
+    @_locked
     def finish_stop(self, name: str) -> None:
         """The stop of a `slow_stop` unit completes (its process exited, or systemd's stop
         timeout ran out and it was killed)."""
@@ -166,6 +188,7 @@ class FakeUnitManager:
             unit.pid = 0
         self._collect_garbage()
 
+    @_locked
     def kill(self, name: str) -> None:
         _check_name(name)
         self._answer("kill", name)
@@ -177,6 +200,7 @@ class FakeUnitManager:
             unit.running_text = None
             unit.pid = 0
 
+    @_locked
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
         self._answer("read the main pid of", "units")
         out = {}
@@ -185,10 +209,12 @@ class FakeUnitManager:
             out[name] = unit.pid if unit is not None else 0
         return out
 
+    @_locked
     def start_guard(self, name: str, argv: Sequence[str]) -> None:
         self._answer("start", name)
         self.guards.setdefault(name, list(argv))
 
+    @_locked
     def unload(self, name: str) -> None:
         _check_name(name)
         self._answer("disable", name)
@@ -199,10 +225,12 @@ class FakeUnitManager:
         self._files.pop(name, None)
         self._collect_garbage()
 
+    @_locked
     def loaded_units(self) -> dict[str, str]:
         self._answer("list", "units")
         return {name: content_hash(text) for name, text in self._files.items()}
 
+    @_locked
     def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
         self._answer("read the state of", "units")
         result: dict[str, SystemdState] = {}
@@ -216,12 +244,14 @@ class FakeUnitManager:
         self._collect_garbage()
         return result
 
+    @_locked
     def unit_file_state(self, name: str) -> str:
         """systemd's UnitFileState for the unit: how it is linked and enabled."""
         if name not in self._files:
             return "not-found"
         return "enabled-runtime" if name in self._enabled else "linked-runtime"
 
+    @_locked
     def running_text(self, name: str) -> str | None:
         """The unit text the current run of `name` was started from (None when not running);
         the fake's stand-in for looking at what a real process does."""

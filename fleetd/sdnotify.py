@@ -1,10 +1,10 @@
 """systemd's notify protocol for fleetd itself (Type=notify, WatchdogSec=).
 
-Readiness tells systemd when the agent has joined the cluster. The watchdog closes the one gap
-self-fencing cannot: a frozen agent (stopped, deadlocked) runs no code, so it cannot stop its
-units before its lease expires. With `WatchdogSec=` shorter than the lease TTL minus
-`RestartSec=`, systemd kills the frozen agent and starts a new one, and a new agent stops every
-unit it finds before it joins (see fleetd.agent), before another machine can claim them.
+Readiness tells systemd when the agent has joined the cluster. The watchdog covers a frozen
+agent (deadlocked, or its reconcile thread stuck): systemd kills it and starts a new one, which
+re-attaches to the lease and adopts the units if it is back in time. A frozen agent's units are
+stopped before its lease expires in any case: by its own fencing thread, or by the guard
+(fleetd.guard), which runs outside fleetd's process.
 
 No library: the protocol is one datagram on the socket named by $NOTIFY_SOCKET.
 """

@@ -61,7 +61,6 @@ class Executor:
         self.clock = clock
         self.progress = progress
         self.settle = settle  # seconds a stop may take before its unit waits for a later round
-        self.stop_reasons: dict[str, str] = {}
         self._deferred: set[str] = set()
         self._started: set[tuple[str, str]] = set()
         self._epoch = 0
@@ -92,13 +91,27 @@ class Executor:
         entry = self._backoff.get(unit)
         return entry is not None and self.clock() < entry.retry_at
 
-    def run(self, tasks: Iterable[Task]) -> bool:
-        """Execute the tasks in order; True when some unit is still stopping (run again soon)."""
+    def run(
+        self, tasks: Iterable[Task], excludes: Callable[[str, str], bool] = lambda a, b: False
+    ) -> bool:
+        """Execute the tasks in order; True when some unit is still stopping (run again soon).
+
+        `excludes(a, b)`: units a and b must not run on one machine at once (Conflicts,
+        Replaces); a START waits while a unit it excludes is still stopping here.
+        """
         failed: set[str] = set()
         self._deferred = set()
-        self.stop_reasons = {}
         for task in tasks:
-            if task.unit in failed or task.unit in self._deferred or self.waiting(task.unit):
+            if task.unit in failed or task.unit in self._deferred:
+                continue
+            if task.kind is TaskKind.START and any(
+                excludes(task.unit, other) for other in self._deferred
+            ):
+                log.info("%s waits: a unit it may not run beside is still stopping here", task)
+                self._deferred.add(task.unit)
+                continue
+            if task.kind in (TaskKind.LOAD, TaskKind.START) and self.waiting(task.unit):
+                # Backoff delays bringing a failing unit up again, never taking one down.
                 continue
             if task.kind is TaskKind.START and "" in failed:
                 continue  # the daemon-reload failed: the manager may not see the new file
@@ -127,7 +140,6 @@ class Executor:
             return
         log.info("%s", task)
         if kind is TaskKind.STOP:
-            self.stop_reasons[task.unit] = task.reason
             self.manager.stop(task.unit)
             self._forget(task.unit)
         elif kind is TaskKind.UNLOAD:

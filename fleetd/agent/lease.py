@@ -74,6 +74,7 @@ class LeaseFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._failing = False
 
     def save(self, record: LeaseRecord) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -90,9 +91,12 @@ class LeaseFile:
                 )
             )
             os.replace(tmp, self.path)
+            self._failing = False
         except OSError as exc:
-            log.warning("could not keep the lease in %s (a restart will stop units): %s",
-                        self.path, exc)
+            if not self._failing:
+                log.warning("could not keep the lease in %s (a restart will stop units): %s",
+                            self.path, exc)
+            self._failing = True
 
     def load(self) -> LeaseRecord | None:
         try:
@@ -136,6 +140,7 @@ class LeaseKeeper:
         self.on_change = on_change
         self._view = LeaseView()
         self._refused_logged = False
+        self._restored: int | None = None
 
     @property
     def interval(self) -> float:
@@ -156,6 +161,7 @@ class LeaseKeeper:
         if record is None or record.machine_id != me or record.boot != boot_id():
             return False
         self._set(LeaseView(record.lease_id, record.deadline, registered=False))
+        self._restored = record.lease_id
         log.info(
             "found lease %x of a previous run; its units may run %.1fs more unless it is renewed",
             record.lease_id,
@@ -203,6 +209,10 @@ class LeaseKeeper:
                 self._refused_logged = True
             return 2.0
         self._refused_logged = False
+        if view.lease_id == self._restored:
+            # Re-attached to the previous run's lease: the machine key is already ours; write
+            # it again, since this run may be a new version or have new metadata.
+            self.registry.update_machine(machine, view.lease_id)
         self._set(LeaseView(view.lease_id, view.deadline, registered=True))
         log.info(
             "joined the cluster as machine %s (%s), lease %x, ttl %ss",

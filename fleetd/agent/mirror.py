@@ -69,20 +69,26 @@ class Mirror:
             self.wake()
             return
         refused: list[tuple[str, str]] = []
-        with self._lock:
-            for event in batch:
-                if event.mod_revision <= self._synced_at:
-                    # A late event of a cancelled watch: the fresh read already has newer data.
-                    continue
-                reason = self._snapshot.apply(
-                    self.registry.layout,
-                    event.key,
-                    event.value,
-                    event.mod_revision,
-                    event.create_revision,
-                )
-                if reason is not None:
-                    refused.append((event.key, reason))
+        try:
+            with self._lock:
+                for event in batch:
+                    if event.mod_revision <= self._synced_at:
+                        # A late event of a cancelled watch: the fresh read has newer data.
+                        continue
+                    reason = self._snapshot.apply(
+                        self.registry.layout,
+                        event.key,
+                        event.value,
+                        event.mod_revision,
+                        event.create_revision,
+                    )
+                    if reason is not None:
+                        refused.append((event.key, reason))
+        except Exception:
+            # Never expected (apply refuses what it cannot decode), but a watch thread that dies
+            # would freeze the picture: read everything again instead.
+            log.exception("applying a registry watch event failed: reading the registry again")
+            self._resync.set()
         for key, reason in refused:
             log.warning("ignoring registry entry %s: %s", key, reason)
         self.wake()

@@ -17,11 +17,13 @@ from fleetd.agent.lease import LeaseView
 from fleetd.agent.mirror import Mirror
 from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
+from fleetd.errors import RegistryUnavailable
 from fleetd.model import DesiredState
 from fleetd.placement import Placement, View, claim_guards, plan_placements
-from fleetd.planner import plan_claims, plan_local, release_reasons
+from fleetd.planner import TaskKind, plan_claims, plan_local
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
+from fleetd.unitfile import any_glob_match
 
 log = logging.getLogger("fleetd")
 
@@ -58,6 +60,17 @@ class PlanCache:
 
 
 shared_plans = PlanCache()
+
+
+def excludes(snap: Snapshot, a: str, b: str) -> bool:
+    """Whether units a and b may not run on one machine at the same time (either one's Conflicts
+    or Replaces matches the other)."""
+    for one, other in ((a, b), (b, a)):
+        record = snap.units.get(one)
+        req = record.requirements if record else None
+        if req is not None and any_glob_match((*req.conflicts, *req.replaces), other):
+            return True
+    return False
 
 
 def plan_window(snap: Snapshot) -> int:
@@ -117,14 +130,23 @@ class Reconciler:
         claimed = False
         for task in claim_plan.claims:
             desired = snap.desired.get(task.unit)
-            ok = self.registry.claim(
-                task.unit,
-                self.me,
-                view.lease_id,
-                snap.revision,
-                desired.revision if desired else 0,
-                claim_guards(snap, task.unit),
-            )
+            try:
+                ok = self.registry.claim(
+                    task.unit,
+                    self.me,
+                    view.lease_id,
+                    snap.revision,
+                    desired.revision if desired else 0,
+                    claim_guards(snap, task.unit),
+                )
+            except RegistryUnavailable as exc:
+                # etcd is out of reach: the other claims would wait as long for nothing, but
+                # this round still drives systemd.
+                log.warning("claims stopped at %s: %s", task.unit, exc)
+                break
+            except Exception as exc:
+                log.exception("claim of %s failed: %s", task.unit, exc)
+                continue
             if ok:
                 claimed = True
                 log.info("claimed %s: %s", task.unit, task.reason)
@@ -138,7 +160,6 @@ class Reconciler:
     def _act(self, snap: Snapshot) -> bool:
         view = View(snap)
         loaded = self.manager.loaded_units()
-        reasons = release_reasons(snap, self.me, view)
         mine = {n for n, o in snap.owners.items() if o.machine_id == self.me}
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
@@ -146,11 +167,16 @@ class Reconciler:
         launched = {n for n in names if snap.desired_state(n) is DesiredState.LAUNCHED}
         started = self.executor.started(launched)
         tasks = plan_local(snap, self.me, view, loaded, states, started)
-        stopping = self.executor.run(tasks)
+        # Why each unit is taken down, published with its "deactivating" state.
+        reasons = {
+            t.unit: t.reason
+            for t in tasks
+            if t.kind in (TaskKind.STOP, TaskKind.UNLOAD, TaskKind.RELEASE)
+        }
+        stopping = self.executor.run(tasks, lambda a, b: excludes(snap, a, b))
         # Read back what the tasks did, so published states are systemd's, not our intent.
         loaded = self.manager.loaded_units()
         self.executor.note_units(set(loaded) | mine)
         states = self.manager.states(loaded) if loaded else {}
-        reasons = {**self.executor.stop_reasons, **reasons}
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
         return stopping

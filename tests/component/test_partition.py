@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from fleetd.model import DesiredState
+from fleetd.snapshot import Snapshot
 from tests.support.agents import Harness, unit_text
 from tests.support.etcd_fixtures import etcd, etcd3, etcd_prefix  # noqa: F401
 from tests.support.proxy import Proxy
@@ -24,8 +25,11 @@ pytestmark = pytest.mark.component
 
 
 def _active(harness: Harness, machine: str, unit: str) -> bool:
+    """The unit's process is alive there: a unit still stopping counts as running."""
     node = harness.nodes[machine]
-    return node.manager.states([unit])[unit].active == "active"
+    return node.manager.states([unit])[unit].active in (
+        "active", "activating", "deactivating", "reloading"
+    )
 
 
 class Sampler:
@@ -141,3 +145,41 @@ def test_fleetctl_fails_over_to_a_live_etcd_member(etcd3, tmp_path) -> None:  # 
         )
         assert listing.returncode == 0, listing.stderr
         assert listing.stdout.split() == ["ha.service", "launched"]
+
+
+def test_unit_ignoring_sigterm_moved_by_replaces_never_runs_twice(etcd, etcd_prefix) -> None:  # noqa: F811
+    """The old machine's stop takes long (the unit ignores SIGTERM): the owner key stays until
+    systemd there reports the unit stopped, so the new machine starts it only after."""
+    harness = Harness(list(etcd.endpoints), etcd_prefix, ttl=3.0, stagger=0.2)
+    try:
+        harness.add("m0")
+        harness.add("m1")
+        harness.wait(lambda s: len(s.machines) == 2)
+        harness.submit({"slow.service": unit_text("slow")})
+        snap = harness.wait(lambda s: "slow.service" in s.states)
+        home = harness.machine_name(snap.owners["slow.service"].machine_id)
+        other = "m1" if home == "m0" else "m0"
+        harness.nodes[home].manager.slow_stop.add("slow.service")
+        sampler = Sampler(harness, ["m0", "m1"], "slow.service")
+        harness.submit({"new.service": unit_text("new", "Replaces=slow.service")})
+
+        def stopping_here(s: Snapshot) -> bool:
+            state = s.states.get("slow.service", {}).get(harness.nodes[home].agent.me)
+            return state is not None and state.active == "deactivating"
+
+        during = harness.wait(stopping_here)
+        assert during.owner_of("slow.service") == harness.nodes[home].agent.me
+        assert "Replaces=slow.service" in during.states["slow.service"][
+            harness.nodes[home].agent.me
+        ].reason
+        time.sleep(1.0)  # a few rounds: still not released while it stops
+        assert harness.snapshot().owner_of("slow.service") == harness.nodes[home].agent.me
+        harness.nodes[home].manager.finish_stop("slow.service")
+        harness.wait(
+            lambda s: s.owner_of("slow.service") == harness.nodes[other].agent.me
+            and _active(harness, other, "slow.service")
+        )
+        sampler.stop()
+        assert sampler.overlaps() == []
+    finally:
+        harness.stop_all()

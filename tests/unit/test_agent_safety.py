@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import threading
@@ -278,6 +279,9 @@ def test_replaced_unit_is_released_only_after_it_stopped(cluster: Cluster) -> No
     state = cluster.published("old.service", home)
     assert state is not None and state.active == "deactivating"
     assert "replaced by new.service" in state.reason
+    # The replacing unit waits too: the two never run side by side.
+    assert cluster.owner("new.service") == home
+    assert cluster.running("new.service") == set()
     cluster.settle()
     assert cluster.owner("old.service") == home
     # The stop completes (the unit's own stop timeout ran out): released, started elsewhere.
@@ -351,8 +355,16 @@ def test_successor_within_the_lease_adopts_the_units_without_restarting_them(
             _real(name)
 
         setattr(manager, method, record)
+    seen: list[str] = []
+    cancel = cluster.registry.watch(
+        cluster.registry.snapshot().revision + 1,
+        lambda batch: seen.extend(e.key for e in batch) if isinstance(batch, list) else None,
+    )
     successor = cluster.add("a")
+    cancel()
     assert successor.lease().lease_id == lease
+    # The machine announces itself again (a new version may have come with the restart).
+    assert cluster.registry.layout.machine(a.me) in seen
     cluster.settle()
     assert calls == []
     assert manager.main_pids(names) == pids
@@ -443,9 +455,11 @@ def test_invalid_registry_entries_are_refused_once_and_never_stop_a_round(
     }
     for key, value in bad.items():
         cluster.registry.put_raw(key, value)
-    cluster.submit({"ok.service": unit("ok")})
+    # Names systemd accepts run, however unusual (a:b.service was once accepted and never run).
+    cluster.submit({"ok.service": unit("ok"), "a:b.service": unit("colon")})
     cluster.settle()
     assert cluster.running("ok.service") == {"a"}
+    assert cluster.running("a:b.service") == {"a"}
     refused = cluster.agents["a"].mirror.copy().refused
     assert set(refused) == {prefix + "unit/.x.service", prefix + "desired/.x.service", *bad}
     assert "must not start with '.'" in refused[prefix + "unit/.x.service"]
@@ -493,3 +507,40 @@ def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
     with pytest.raises(RegistryUnavailable):
         cluster.registry.update_machine(Machine(a.me), lease)
     assert cluster.registry.snapshot().machines == {}
+
+
+def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Cluster) -> None:
+    """systemd's watchdog is pinged while the reconcile thread makes progress: a round that runs
+    many tasks must show progress task by task."""
+    a = cluster.add("a")
+    marks: list[float] = []
+    a.executor.progress = lambda: marks.append(cluster.clock())
+    manager = cluster.managers["a"]
+    real_start = manager.start
+
+    def slow_start(name: str) -> None:
+        cluster.clock.advance(1.0)  # each start takes a second of (fake) time
+        real_start(name)
+
+    manager.start = slow_start  # type: ignore[method-assign]
+    pin = f"MachineID={a.me}"
+    cluster.submit({f"p{i}.service": unit(f"p{i}", pin) for i in range(5)})
+    a.step()  # claims
+    marks.clear()
+    a.step()  # loads, one reload, five starts
+    assert len(marks) == 5 + 1 + 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
+    assert max(gaps) <= 1.0
+
+
+def test_a_lease_file_of_another_machine_or_boot_is_not_adopted(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    path = cluster.tmp_path / "a" / "lease.json"
+    original = json.loads(path.read_text())
+    assert original["lease_id"] == a.lease().lease_id
+    assert cluster.add("a", join=False).keeper.restore()
+    for field, value in (("machine_id", "f" * 32), ("boot_id", "another-boot")):
+        path.write_text(json.dumps(original | {field: value}))
+        assert not cluster.add("a", join=False).keeper.restore()
+    path.write_text("not json")
+    assert not cluster.add("a", join=False).keeper.restore()

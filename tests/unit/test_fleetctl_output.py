@@ -303,7 +303,8 @@ def test_refused_units_and_registry_entries_are_listed_with_the_reason() -> None
     assert len(messages) == 3
     assert output.refused_messages(snap, ["hello.service"]) == [
         "registry entry /fleet/desired/hello.service is refused by every agent: "
-        "undecodable value: ValueError: 'on' is not valid"
+        "undecodable value: ValueError: 'on' is not valid (not written by fleetctl; remove it "
+        "with: etcdctl del '/fleet/desired/hello.service')"
     ]
     status = output.status_block(snap, snap.units["bad.service"]).splitlines()
     assert status[-1].startswith("Refused by every agent: ") and "MachineOf" in status[-1]

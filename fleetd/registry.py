@@ -339,9 +339,14 @@ class EtcdRegistry:
         def ttl(lease_id: int) -> tuple[int, int]:
             # Without the keys: listing a lease's keys needs read access to them.
             request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False)
-            response = self._client.leasestub.LeaseTimeToLive(
-                request, self.timeout, metadata=self._client.metadata
-            )
+            try:
+                response = self._client.leasestub.LeaseTimeToLive(
+                    request, self.timeout, metadata=self._client.metadata
+                )
+            except grpc.RpcError as exc:
+                # As the library's own calls do: a dead endpoint is marked, the retry moves on.
+                self._client._manage_grpc_errors(exc)
+                raise
             return int(response.grantedTTL), int(response.TTL)
 
         ages: dict[str, float] = {}

@@ -19,6 +19,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fleetd.agent.fence import kill_units, stop_units
@@ -32,12 +33,18 @@ log = logging.getLogger("fleetd.guard")
 
 class Guard:
     def __init__(
-        self, lease_file: LeaseFile, manager: UnitManager, margin: float, clock: Clock
+        self,
+        lease_file: LeaseFile,
+        manager: UnitManager,
+        margin: float,
+        clock: Clock,
+        units: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.lease_file = lease_file
         self.manager = manager
         self.margin = margin
         self.clock = clock
+        self.units = units or (lambda: list(manager.loaded_units()))
         self._fired_for: int | None = None
 
     def tick(self) -> bool:
@@ -53,7 +60,7 @@ class Guard:
             self._fired_for = record.lease_id
             log.error("lease %x was not renewed: stopping fleet's units before it expires",
                       record.lease_id)
-        names = list(self.manager.loaded_units())
+        names = list(self.units())
         if now >= record.deadline - self.margin / 2:
             running = kill_units(self.manager, names, "the lease expires: no fleetd renewed it")
         else:
@@ -85,7 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     except FleetError as exc:
         log.error("guard cannot start: %s", exc)
         return 1
-    guard = Guard(LeaseFile(Path(args.lease_file)), manager, args.margin, time.monotonic)
+    units = Path(args.units_directory)
+
+    def unit_files() -> list[str]:
+        # Every file fleetd wrote, linked or not: the guard only reads, it never repairs.
+        try:
+            return [p.name for p in units.iterdir() if not p.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    guard = Guard(
+        LeaseFile(Path(args.lease_file)), manager, args.margin, time.monotonic, unit_files
+    )
     while True:
         try:
             if not guard.tick():

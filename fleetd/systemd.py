@@ -183,7 +183,7 @@ class DbusUnitManager:
         rows = self._call(
             label, "read the state of", "ListUnitsByNames", wanted, timeout=self.fast_timeout
         )
-        found = {row[0]: SystemdState(load=row[2], active=row[3], sub=row[4]) for row in rows or []}
+        found = {row[0]: _state(row) for row in rows or []}
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
@@ -264,6 +264,20 @@ class DbusUnitManager:
             if tolerate_absent and Gio.DBusError.get_remote_error(exc) in _ABSENT_ERRORS:
                 return None
             raise SystemdError(f"systemd could not {what} {unit}: {_brief(exc)}") from exc
+
+
+# Jobs that will make an inactive unit run.
+_STARTING_JOBS = frozenset({"start", "restart", "try-restart", "reload-or-start", "verify-active"})
+
+
+def _state(row: Sequence[Any]) -> SystemdState:
+    """One ListUnits row as a state. A unit still inactive with a start job queued (waiting for
+    an ordering dependency, or not yet run) reads "activating": it is about to run, so it must
+    not count as stopped when the agent decides to give it away."""
+    load, active, sub, job_id, job_type = row[2], row[3], row[4], row[7], row[8]
+    if job_id and job_type in _STARTING_JOBS and active in ("inactive", "failed"):
+        active = "activating"
+    return SystemdState(load=load, active=active, sub=sub)
 
 
 def _brief(exc: GLib.Error) -> str:

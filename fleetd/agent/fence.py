@@ -89,14 +89,42 @@ class Fencer:
         self._reason = ""
         self._next_pass = 0.0
         self._clear = False  # nothing ran at the last pass
+        self._leftovers: set[str] = set()
+        self._leftover_kill_at = 0.0
 
     @property
     def fenced(self) -> bool:
         return self._fenced_at is not None
 
+    def take_down_leftovers(self) -> None:
+        """At start-up without a lease to adopt: the units still running here belong to an
+        earlier run whose lease (and deadline) we do not know. They are stopped now and killed
+        half a margin later, whatever lease this run gets meanwhile."""
+        now = self.clock()
+        self._leftovers = set(self.units())
+        self._leftover_kill_at = now + self.margin / 2
+        self._leftover_pass(now)
+
+    def _leftover_pass(self, now: float) -> None:
+        reason = "left from an earlier run of the agent (its lease is unknown)"
+        try:
+            if now >= self._leftover_kill_at:
+                running = kill_units(self.manager, self._leftovers, reason)
+            else:
+                running = stop_units(self.manager, self._leftovers, reason)
+        except SystemdError as exc:
+            log.error("stopping units left from an earlier run: systemd did not answer: %s", exc)
+            return
+        if not running and now >= self._leftover_kill_at:
+            self._leftovers = set()
+
     def tick(self) -> float:
         """One check; returns seconds until the next is useful."""
         now = self.clock()
+        if self._leftovers:
+            self._leftover_pass(now)
+            if self._leftovers:
+                return self.RETRY
         view = self.view()
         if view.may_run(now, self.margin):
             if self._fenced_at is not None:
@@ -119,7 +147,7 @@ class Fencer:
             self._kill_at = base - self.margin / 2
             self._next_pass = now
             if view.lease_id is None and not view.registered:
-                self._reason = "no lease: left from an earlier run of the agent"
+                self._reason = "no lease"
             else:
                 self._reason = "fenced: the lease could not be renewed and may expire"
                 log.error("%s; stopping every unit here", self._reason)

@@ -44,17 +44,18 @@ class Mirror:
         """Read everything once and watch from there."""
         self.close()
         self._resync.clear()
-        snap = self.registry.snapshot()
-        for key, reason in sorted(snap.refused.items()):
-            log.warning("ignoring registry entry %s: %s", key, reason)
-        with self._lock:
-            self._snapshot = snap
-            self._synced_at = snap.revision
         try:
+            snap = self.registry.snapshot()
+            with self._lock:
+                self._snapshot = snap
+                self._synced_at = snap.revision
             self._cancel = self.registry.watch(snap.revision + 1, self._on_watch)
         except BaseException:
+            # Not current: the next round reads everything again.
             self._resync.set()
             raise
+        for key, reason in sorted(snap.refused.items()):
+            log.warning("ignoring registry entry %s: %s", key, reason)
         self.wake()
 
     def close(self) -> None:

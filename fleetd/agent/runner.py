@@ -160,6 +160,8 @@ class Agent:
             # Re-attach before the fencer looks: the successor of a restart is usually close to
             # the fencing point of the lease it inherits.
             self.keeper.tick()
+        else:
+            self.fencer.take_down_leftovers()
         self.fencer.tick()
 
     def step(self) -> bool:
@@ -237,8 +239,8 @@ class Agent:
             self._wake.clear()
 
     def _joined(self, view: LeaseView) -> None:
-        """A new lease (first join, or again after losing one): read everything afresh."""
-        self._lease_seen = view.lease_id
+        """A new lease (first join, or again after losing one): read everything afresh. Runs
+        again on the next round if any step of it fails."""
         self.publisher.forget()
         self.mirror.sync()
         if self.guard_argv is not None:
@@ -250,6 +252,7 @@ class Agent:
         if not self._ready:
             self.notifier.send("READY=1")
             self._ready = True
+        self._lease_seen = view.lease_id
 
     def _lease_changed(self) -> None:
         self._wake.set()

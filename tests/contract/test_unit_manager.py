@@ -580,3 +580,29 @@ def test_calls_to_a_hung_manager_time_out(tmp_path: Path) -> None:
         finally:
             os.kill(handle.pid, 18)  # SIGCONT
             manager.close()
+
+
+@requires_real_manager
+def test_a_queued_start_job_reads_activating(user_manager, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A unit waiting for an ordering dependency is still "inactive" in systemd, but it will run:
+    it must not look stopped to an agent about to give it away."""
+    manager = DbusUnitManager(tmp_path / "units", user=True, bus_address=user_manager.bus_address)
+    slow, late = "slow-first.service", "after-slow.service"
+    try:
+        manager.load(slow, "[Service]\nType=oneshot\nExecStart=/bin/sleep 3\n")
+        manager.load(late, f"[Unit]\nAfter={slow}\n[Service]\nExecStart=/bin/sleep 100\n")
+        manager.reload()
+        manager.start(slow)
+        manager.start(late)
+        assert manager.states([late])[late].active == "activating"
+        manager.stop(late)
+        manager.stop(slow)
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while manager.states([late])[late].active not in ("inactive", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for name in (late, slow):
+            manager.unload(name)
+        manager.reload()
+        manager.close()

@@ -433,6 +433,26 @@ def test_units_of_an_earlier_run_without_a_lease_are_stopped_before_joining(
     assert manager.states(["orphan.service"])["orphan.service"].active == "inactive"
 
 
+def test_leftovers_ignoring_sigterm_are_killed_even_once_a_new_lease_is_held(
+    cluster: Cluster,
+) -> None:
+    """Their old lease (and when it expires) is unknown: a new lease of this run does not make
+    them ours, so they are killed half a margin after start-up."""
+    manager = FakeUnitManager()
+    manager.slow_stop.add("orphan.service")
+    manager.load("orphan.service", unit("orphan"))
+    manager.start("orphan.service")
+    a = cluster.add("a", manager=manager, join=False)
+    a.start_up()
+    assert manager.states(["orphan.service"])["orphan.service"].active == "deactivating"
+    a.keeper.tick()  # a new lease: units may run here, but not these
+    assert a.lease().registered
+    cluster.clock.advance(MARGIN / 2)
+    a.fencer.tick()
+    assert manager.kills == ["orphan.service"]
+    assert cluster.running("orphan.service") == set()
+
+
 # ----------------------------------------------------------------------------------- isolation
 
 
@@ -544,3 +564,17 @@ def test_a_lease_file_of_another_machine_or_boot_is_not_adopted(cluster: Cluster
         assert not cluster.add("a", join=False).keeper.restore()
     path.write_text("not json")
     assert not cluster.add("a", join=False).keeper.restore()
+
+
+def test_a_failed_first_read_of_the_registry_is_read_again(cluster: Cluster) -> None:
+    a = cluster.add("a", join=False)
+    a.start_up()
+    a.keeper.tick()
+    cluster.registry.unavailable = True
+    with pytest.raises(RegistryUnavailable):
+        a.step()
+    cluster.registry.unavailable = False
+    cluster.submit({"u.service": unit()})
+    cluster.settle()
+    assert cluster.running("u.service") == {"a"}
+    assert list(cluster.managers["a"].guards) == ["fleet-guard-616161616161.service"]

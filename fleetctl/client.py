@@ -38,6 +38,8 @@ class Registry(Protocol):
 
     def clear_move(self, unit: str) -> None: ...
 
+    def lease_ages(self, machine_ids: Iterable[str]) -> dict[str, float]: ...
+
     def close(self) -> None: ...
 
 
@@ -49,6 +51,8 @@ class GlobalOptions:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
     debug: bool = False
     ssh: SshOptions = field(default_factory=SshOptions)
     # The client of this invocation, once built.
@@ -67,6 +71,8 @@ def build_registry(options: GlobalOptions) -> Registry:
         ca_file=options.ca_file,
         cert_file=options.cert_file,
         key_file=options.key_file,
+        username=options.username,
+        password=options.password,
     )
 
 

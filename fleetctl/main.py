@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from fleetctl import output
+from fleetctl import completion, output
 from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
 from fleetctl.commands import inspect, lifecycle, listing, rebalance, remote, version
 from fleetctl.ssh import (
@@ -24,7 +24,7 @@ from fleetctl.ssh import (
     DEFAULT_USERNAME,
     SshOptions,
 )
-from fleetd.errors import ConfigError, FleetError, RegistryUnavailable
+from fleetd.errors import AuthError, ConfigError, FleetError, PermissionDenied, RegistryUnavailable
 from fleetd.keys import DEFAULT_PREFIX
 
 
@@ -35,8 +35,20 @@ def _os_message(exc: BaseException) -> str:
     return str(exc)
 
 
+def _auth_message(exc: BaseException) -> str:
+    return (
+        f"{exc}: set --username and --password (or FLEETCTL_USERNAME and FLEETCTL_PASSWORD)"
+    )
+
+
+def _denied_message(exc: BaseException) -> str:
+    return f"{exc}; ask for a user with the fleet role (README: etcd authentication)"
+
+
 # Most specific first: the first entry whose type matches decides.
 ERRORS: tuple[tuple[type[BaseException], int, Callable[[BaseException], str]], ...] = (
+    (AuthError, 1, _auth_message),
+    (PermissionDenied, 1, _denied_message),
     (RegistryUnavailable, 1, str),
     (ConfigError, 1, str),
     (FleetError, 1, str),
@@ -119,6 +131,18 @@ def root(
         str | None,
         typer.Option(envvar="FLEETCTL_KEY_FILE", help="Client certificate key for https."),
     ] = None,
+    username: Annotated[
+        str | None,
+        typer.Option(envvar="FLEETCTL_USERNAME", help="etcd user name (etcd authentication)."),
+    ] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETCTL_PASSWORD",
+            help="etcd password; prefer the environment variable, a flag shows in ps.",
+            show_default=False,
+        ),
+    ] = None,
     tunnel: Annotated[
         str,
         typer.Option(
@@ -176,6 +200,8 @@ def root(
         ca_file=ca_file,
         cert_file=cert_file,
         key_file=key_file,
+        username=username or None,
+        password=password,
         debug=debug,
         ssh=SshOptions(
             username=ssh_username,
@@ -191,6 +217,12 @@ def root(
             level=logging.DEBUG,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
+        )
+    if bool(username) != (password is not None):
+        raise ConfigError(
+            "--password needs --username (or FLEETCTL_USERNAME)"
+            if password is not None
+            else f"--username {username} needs --password (or FLEETCTL_PASSWORD)"
         )
     if request_timeout <= 0:
         raise ConfigError(f"--request-timeout={request_timeout} must be more than 0 seconds")
@@ -228,7 +260,7 @@ def _truth(option: str, value: str) -> bool:
     raise ConfigError(f"{option}={value} must be true or false")
 
 
-for group in (lifecycle, listing, inspect, rebalance, remote, version):
+for group in (lifecycle, listing, inspect, rebalance, remote, version, completion):
     group.register(app)
 
 

@@ -4,20 +4,29 @@ Tables are aligned the way fleet's Go tabwriter aligns them (cells padded with t
 of eight columns), so scripts written against fleet's output keep working. Commands never format
 by themselves: they hand a snapshot to a function here and print the string it returns. Messages
 for people (warnings, errors) go to stderr, data goes to stdout.
+
+`--output json` gives one JSON document per command instead of the table. Its field names are a
+stable interface (listed in README "JSON output"): full machine ids and hashes, states as the
+registry holds them, times as epoch seconds; a value that is unknown is null, never "-".
+The progress line of waiting commands is drawn here too, on stderr and only on a terminal.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any, TextIO
 
 import typer
 
 from fleetd.errors import FleetError, InvalidUnitFile, InvalidUnitName
 from fleetd.model import PublishedState
 from fleetd.placement import explain
+from fleetd.rebalance import Move
 from fleetd.snapshot import Snapshot, UnitRecord
 from fleetd.unitfile import expand_specifiers, parse_unit_file, parse_unit_name
 
@@ -29,6 +38,27 @@ SHORT_HASH = 7
 
 class UnknownField(FleetError):
     """A --fields value names a column the listing does not have."""
+
+
+class UnknownFormat(FleetError):
+    """An --output value that is not a format fleetctl writes."""
+
+
+OUTPUT_FORMATS = ("table", "json")
+
+
+def parse_output(value: str) -> str:
+    """The --output format; UnknownFormat names the valid ones."""
+    if value not in OUTPUT_FORMATS:
+        raise UnknownFormat(
+            f"unknown output format {value!r}: use --output {' or '.join(OUTPUT_FORMATS)}"
+        )
+    return value
+
+
+def document(data: Mapping[str, Any]) -> str:
+    """One JSON document, keys in the order built (the order documented), newline-terminated."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -140,12 +170,24 @@ def reached_state(snapshot: Snapshot, name: str) -> str:
 
 # ---------------------------------------------------------------------------------- listings
 
-MACHINE_FIELDS = ("machine", "ip", "metadata")
+MACHINE_FIELDS = ("machine", "ip", "metadata", "version", "renewed")
 DEFAULT_MACHINE_FIELDS = "machine,ip,metadata"
+FULL_MACHINE_FIELDS = "machine,ip,metadata,version,renewed"
 UNIT_FIELDS = ("unit", "load", "active", "sub", "machine", "hash")
 DEFAULT_UNIT_FIELDS = "unit,machine,active,sub"
 UNIT_FILE_FIELDS = ("unit", "global", "dstate", "state", "target", "hash", "desc")
 DEFAULT_UNIT_FILE_FIELDS = "unit,hash,dstate,state,target"
+
+
+def machine_fields(fields: str | None, full: bool) -> str:
+    """fleet's three columns by default; --full adds the version and the lease renewal."""
+    if fields is not None:
+        return fields
+    return FULL_MACHINE_FIELDS if full else DEFAULT_MACHINE_FIELDS
+
+
+def format_renewed(age: float | None) -> str:
+    return "-" if age is None else format_ago(age)
 
 
 def machines_table(
@@ -153,17 +195,38 @@ def machines_table(
     fields: str = DEFAULT_MACHINE_FIELDS,
     full: bool = False,
     legend: bool = True,
+    ages: Mapping[str, float] | None = None,
 ) -> str:
+    """`ages`: seconds since each machine renewed its lease (the `renewed` column)."""
     columns = parse_fields(fields, MACHINE_FIELDS)
+    ages = ages or {}
     rows = [
         {
             "machine": machine_id_legend(m.id, full),
             "ip": m.public_ip or "-",
             "metadata": format_metadata(m.metadata),
+            "version": m.version or "-",
+            "renewed": format_renewed(ages.get(m.id)),
         }
         for _, m in sorted(snapshot.machines.items())
     ]
     return render(rows, columns, legend)
+
+
+def machines_document(snapshot: Snapshot, ages: Mapping[str, float]) -> dict[str, Any]:
+    return {
+        "machines": [
+            {
+                "id": m.id,
+                "name": m.name or None,
+                "ip": m.public_ip or None,
+                "metadata": dict(sorted(m.metadata.items())),
+                "version": m.version or None,
+                "lease_renewed_seconds_ago": ages.get(m.id),
+            }
+            for _, m in sorted(snapshot.machines.items())
+        ]
+    }
 
 
 def _unit_row(
@@ -181,26 +244,55 @@ def _unit_row(
     }
 
 
-def units_table(
-    snapshot: Snapshot, fields: str = DEFAULT_UNIT_FIELDS, full: bool = False, legend: bool = True
-) -> str:
-    """One row per published state; a unit that should run but has published nothing yet gets
-    one row of dashes, so a freshly started unit does not look forgotten."""
-    columns = parse_fields(fields, UNIT_FIELDS)
+def _listed_units(snapshot: Snapshot) -> set[str]:
     names = set(snapshot.states)
     names.update(
         name
         for name in snapshot.units
         if snapshot.desired_state(name).value != "inactive" and not snapshot.states.get(name)
     )
+    return names
+
+
+def units_table(
+    snapshot: Snapshot, fields: str = DEFAULT_UNIT_FIELDS, full: bool = False, legend: bool = True
+) -> str:
+    """One row per published state; a unit that should run but has published nothing yet gets
+    one row of dashes, so a freshly started unit does not look forgotten."""
+    columns = parse_fields(fields, UNIT_FIELDS)
     rows = []
-    for name in sorted(names):
+    for name in sorted(_listed_units(snapshot)):
         per = snapshot.states.get(name, {})
         if not per:
             rows.append(_unit_row(snapshot, name, None, full))
         for machine_id in sorted(per):
             rows.append(_unit_row(snapshot, name, per[machine_id], full))
     return render(rows, columns, legend)
+
+
+def _state_entry(name: str, machine_id: str | None, state: PublishedState | None) -> dict[str, Any]:
+    return {
+        "unit": name,
+        "machine": machine_id,
+        "load": state.load if state else None,
+        "active": state.active if state else None,
+        "sub": state.sub if state else None,
+        "hash": (state.hash or None) if state else None,
+        "since": (state.since or None) if state else None,
+    }
+
+
+def units_document(snapshot: Snapshot) -> dict[str, Any]:
+    """The rows of list-units: one per published state, and one with nulls for a unit that
+    should run but has published nothing yet."""
+    entries = []
+    for name in sorted(_listed_units(snapshot)):
+        per = snapshot.states.get(name, {})
+        if not per:
+            entries.append(_state_entry(name, None, None))
+        for machine_id in sorted(per):
+            entries.append(_state_entry(name, machine_id, per[machine_id]))
+    return {"units": entries}
 
 
 def _target(snapshot: Snapshot, record: UnitRecord, full: bool) -> str:
@@ -242,6 +334,27 @@ def unit_files_table(
             dict.fromkeys(UNIT_FILE_FIELDS, "-") | {"unit": key, "state": "refused", "desc": reason}
         )
     return render(rows, columns, legend)
+
+
+def unit_files_document(snapshot: Snapshot) -> dict[str, Any]:
+    entries = []
+    for name, record in sorted(snapshot.units.items()):
+        global_ = is_global(record)
+        entries.append(
+            {
+                "unit": name,
+                "global": global_,
+                "desired_state": snapshot.desired_state(name).value,
+                "state": None if global_ else reached_state(snapshot, name),
+                "machine": None if global_ else snapshot.owner_of(name),
+                "hash": record.hash,
+                "description": description(record) or None,
+                "refused": record.invalid_reason,
+            }
+        )
+    # Entries no agent acts on (a bad name, an undecodable or oversized value): by key.
+    refused = [{"key": key, "reason": reason} for key, reason in sorted(snapshot.refused.items())]
+    return {"unit_files": entries, "refused_entries": refused}
 
 
 def refused_messages(snapshot: Snapshot, names: Sequence[str] | None = None) -> list[str]:
@@ -362,6 +475,112 @@ def status_block(snapshot: Snapshot, record: UnitRecord, now: float | None = Non
             lines.extend(f"  {verdict}" for verdict in verdicts)
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def status_document(snapshot: Snapshot, records: Sequence[UnitRecord]) -> dict[str, Any]:
+    """What `status` shows, per unit: the machines that published it, or why none runs it."""
+    units = []
+    for record in records:
+        name = record.name
+        per = snapshot.states.get(name, {})
+        owner = snapshot.owner_of(name)
+        machine_ids = sorted(per)
+        if owner and owner not in per:
+            machine_ids = [owner, *machine_ids]
+        machines = []
+        for machine_id in machine_ids:
+            machine = snapshot.machines.get(machine_id)
+            entry = _state_entry(name, machine_id, per.get(machine_id))
+            del entry["unit"]
+            entry["name"] = machine.name or None if machine else None
+            entry["ip"] = machine.public_ip or None if machine else None
+            machines.append(entry)
+        not_scheduled: dict[str, Any] | None = None
+        if not machines:
+            blocked, _ = machine_verdicts(snapshot, name)
+            refusals = explain(snapshot, name).refusals if not blocked else {}
+            not_scheduled = {
+                "reason": blocked or None,
+                "machines": {m: refusals.get(m) for m in sorted(snapshot.machines)}
+                if not blocked
+                else {},
+            }
+        units.append(
+            {
+                "unit": name,
+                "description": description(record) or None,
+                "desired_state": snapshot.desired_state(name).value,
+                "hash": record.hash,
+                "owner": owner,
+                "machines": machines,
+                "not_scheduled": not_scheduled,
+                "refused": record.invalid_reason,
+            }
+        )
+    return {"units": units}
+
+
+# --------------------------------------------------------------------------------- rebalance
+
+
+def rebalance_document(moves: Sequence[Move], imbalance: int) -> dict[str, Any]:
+    return {
+        "imbalance": imbalance,
+        "moves": [
+            {"unit": m.unit, "from": m.source, "to": m.target, "reason": m.reason} for m in moves
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line that a waiting command rewrites in place, on a terminal only.
+
+    It lives on stdout, where the command's own lines go, so it can be erased before each of
+    them: what remains on the screen is exactly what a pipe would have received. Off a terminal
+    it draws nothing, so scripts and logs see the output they always did.
+    """
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self._shown = False
+
+    @classmethod
+    def on_stdout(cls) -> Progress:
+        stream = sys.stdout
+        try:
+            terminal = stream.isatty()
+        except (AttributeError, ValueError):
+            terminal = False
+        return cls(stream if terminal else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stream is not None
+
+    def show(self, text: str) -> None:
+        if self.stream is None:
+            return
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        if len(text) > width:
+            text = text[: max(0, width - 3)] + "..."
+        # Carriage return, then erase to the end of the line: the new text replaces the old.
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self.stream is None or not self._shown:
+            return
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+        self._shown = False
+
+
+def progress_text(done: int, total: int, slowest: str, reason: str) -> str:
+    return f"[{done}/{total} done] waiting for {slowest}: {reason}"
 
 
 # ---------------------------------------------------------------------------------- messages

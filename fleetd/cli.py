@@ -54,6 +54,8 @@ def build_agent(config: Config) -> Agent:
         ca_file=config.etcd_cafile,
         cert_file=config.etcd_certfile,
         key_file=config.etcd_keyfile,
+        username=config.etcd_username,
+        password=config.etcd_password,
     )
     manager: UnitManager = DbusUnitManager(
         Path(config.units_directory), user=config.systemd_user, timeout=config.systemd_timeout

@@ -32,6 +32,10 @@ class Config:
     etcd_cafile: str | None = None
     etcd_certfile: str | None = None
     etcd_keyfile: str | None = None
+    # etcd authentication; the password may come from a file so it stays out of fleet.toml.
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    etcd_password_file: str | None = None
     etcd_request_timeout: float = 0.0  # 0: automatic, see `request_timeout`
     public_ip: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
@@ -160,7 +164,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             ipaddress.ip_address(value)
         except ValueError:
             raise ConfigError(f"{where} {value!r} is not an IP address") from None
-    if name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
+    if name in (
+        "etcd_cafile",
+        "etcd_certfile",
+        "etcd_keyfile",
+        "etcd_username",
+        "etcd_password",
+        "etcd_password_file",
+    ):
         return value or None
     if name == "metrics_address" and value:
         _check_host_port(value, where)
@@ -210,11 +221,31 @@ def load_config(
     }
     config = _layer(config, env_values, "environment")
     config = _layer(config, {k: v for k, v in flags.items() if v is not None}, "command line")
+    config = _resolve_password(config)
     if not config.machine_id:
         config = replace(config, machine_id=read_machine_id())
     if not config.hostname:
         config = replace(config, hostname=socket.gethostname())
     validate_timing(config)
+    return config
+
+
+def _resolve_password(config: Config) -> Config:
+    """Read etcd_password_file into etcd_password; a user name needs exactly one of them."""
+    if config.etcd_password_file:
+        if config.etcd_password is not None:
+            raise ConfigError("set etcd_password or etcd_password_file, not both")
+        path = config.etcd_password_file
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"etcd_password_file {path}: {exc.strerror}") from None
+        # A file written with `echo` ends in a newline that is not part of the password.
+        config = replace(config, etcd_password=text.rstrip("\r\n"))
+    if config.etcd_username and config.etcd_password is None:
+        raise ConfigError("etcd_username is set without etcd_password or etcd_password_file")
+    if config.etcd_password is not None and not config.etcd_username:
+        raise ConfigError("an etcd password is set without etcd_username")
     return config
 
 

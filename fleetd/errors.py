@@ -27,6 +27,10 @@ class InvalidUnitFile(FleetError):
     """A unit file that does not parse, or whose [X-Fleet] options contradict each other."""
 
 
+class UnitTooLarge(InvalidUnitFile):
+    """A unit file whose stored form would exceed what etcd accepts in one request."""
+
+
 class UnitNotFound(FleetError):
     """The registry holds no unit of that name."""
 
@@ -45,3 +49,15 @@ class RegistryUnavailable(Temporary):
 
 class SystemdError(Temporary):
     """systemd refused or failed an operation over D-Bus."""
+
+
+class AuthError(RegistryUnavailable):
+    """etcd refused who we are: no credentials where they are required, or wrong ones.
+
+    A kind of unavailability: to an agent, a registry that refuses it is one it cannot reach
+    (it retries, and fences itself if it cannot renew its lease); fleetctl names it apart.
+    """
+
+
+class PermissionDenied(RegistryUnavailable):
+    """etcd authenticated us but our roles do not allow the request (handled like AuthError)."""

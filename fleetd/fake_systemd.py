@@ -34,6 +34,7 @@ from typing import TypeVar
 
 from fleetd.errors import InvalidUnitFile, SystemdError
 from fleetd.model import SystemdState
+from fleetd.snapshot import UnitRecord, check_unit_size
 from fleetd.unitfile import content_hash, has_section, parse_unit_file, parse_unit_name
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
@@ -131,6 +132,7 @@ class FakeUnitManager:
     @_locked
     def load(self, name: str, text: str) -> None:
         _check_name(name)
+        check_unit_size(UnitRecord(name, text, content_hash(text)))
         self._answer("link", name)
         self._files[name] = text
         if has_section(text, "Install"):

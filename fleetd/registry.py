@@ -18,20 +18,31 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exceptions
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
-from fleetd.errors import ConfigError, RegistryUnavailable
+from fleetd.errors import (
+    AuthError,
+    ConfigError,
+    FleetError,
+    PermissionDenied,
+    RegistryUnavailable,
+    UnitTooLarge,
+)
 from fleetd.keys import KeyLayout, Kind, range_end
 from fleetd.model import DesiredState, Machine, PublishedState
 from fleetd.placement import Guards
 from fleetd.ports import WatchEvent
 from fleetd.snapshot import (
+    MAX_REQUEST_BYTES,
+    REQUEST_OVERHEAD,
     Snapshot,
     UnitRecord,
     encode_machine,
@@ -66,6 +77,12 @@ def parse_endpoints(text: str | Sequence[str]) -> list[str]:
     return endpoints
 
 
+def _details(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+        return str(exc.details() or "")
+    return ""
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
         details = exc.details() if hasattr(exc, "details") else None
@@ -80,6 +97,25 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+_Group = tuple[Any, list[Any], int]
+
+
+def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
+    """Consecutive groups (compare, ops, bytes) that fit one transaction: at most
+    MAX_TXN_OPS / 2 units (two operations each) and within etcd's request size."""
+    budget = MAX_REQUEST_BYTES - REQUEST_OVERHEAD
+    chunk: list[_Group] = []
+    used = 0
+    for group in groups:
+        if chunk and (len(chunk) >= MAX_TXN_OPS // 2 or used + group[2] > budget):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(group)
+        used += group[2] + 64
+    if chunk:
+        yield chunk
+
+
 class EtcdRegistry:
     """The registry as the agent and fleetctl see it."""
 
@@ -91,8 +127,19 @@ class EtcdRegistry:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.endpoints = parse_endpoints(endpoints)
+        if username and password is None:
+            raise ConfigError(f"etcd user {username!r} needs a password")
+        if password is not None and not username:
+            raise ConfigError("an etcd password needs a user name")
+        self.username = username or None
+        self._password = password
+        # The current auth token; "" while none is needed (no credentials, or auth is off).
+        self._token: str | None = None
+        self._auth_lock = threading.Lock()
         self.layout = KeyLayout(prefix)
         self.timeout = timeout
         creds = None
@@ -128,11 +175,96 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------------------ plumbing
 
+    # --------------------------------------------------------------------------- auth
+
+    def _authenticate(self) -> None:
+        """Get a token for our user; etcd checks it on every request but lease keep-alives.
+
+        The library's own user/password support sends the token as call credentials, which gRPC
+        refuses on plain-text channels, so the token goes in each call's metadata instead (the
+        watch stream takes the metadata it was opened with).
+        """
+        with self._auth_lock:
+            if self._token is not None:
+                return
+            if not self.username:
+                self._token = ""
+                return
+            request = etcdrpc.AuthenticateRequest(name=self.username, password=self._password)
+            try:
+                response = self._client.authstub.Authenticate(request, self.timeout)
+            except grpc.RpcError as exc:
+                if "authentication is not enabled" in _details(exc):
+                    # Credentials ahead of `etcdctl auth enable` are fine: go without a token,
+                    # and authenticate once etcd starts asking for one.
+                    self._token = ""
+                    return
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # Let the client mark the endpoint failed so the next try uses another.
+                    self._client._manage_grpc_errors(exc)
+                raise
+            self._token = str(response.token)
+            metadata = (("token", self._token),)
+            self._client.metadata = metadata
+            # The watch stream in use keeps its old token; new streams get the new one.
+            watcher = self._client._stubs.get("watcher")
+            if watcher is not None:
+                watcher._metadata = metadata
+
+    def _forget_token(self) -> None:
+        with self._auth_lock:
+            self._token = None
+
+    def _reset_watch_stream(self) -> None:
+        """Drop the shared watch stream: etcd checks a new watch against the token the stream
+        was opened with, so after a new token only a new stream can create watches."""
+        watcher = self._client._stubs.pop("watcher", None)
+        if watcher is not None:
+            try:
+                watcher.close()
+            except Exception:
+                log.debug("closing the watch stream failed", exc_info=True)
+
+    def _refusal(self, exc: BaseException, doing: str) -> FleetError | None:
+        """The typed error for a request etcd refused (authentication, permission, size), else
+        None."""
+        details = _details(exc)
+        where = ",".join(self.endpoints)
+        who = f"user {self.username!r}" if self.username else "an anonymous client"
+        if "invalid auth token" in details or ("user name is empty" in details and self.username):
+            # An expired token (idle for --auth-token-ttl, or etcd restarted), or auth was
+            # turned on after we started: authenticate again on the next attempt.
+            self._forget_token()
+            return RegistryUnavailable(f"etcd at {where} asked to authenticate again: retry")
+        if "user name is empty" in details:
+            return AuthError(f"etcd at {where} requires authentication and no user was given")
+        if "authentication failed" in details:
+            return AuthError(f"etcd at {where} refused {who}: wrong user name or password")
+        if "request is too large" in details or "larger than max" in details:
+            return UnitTooLarge(
+                f"etcd at {where} refused the request as too large ({details}): its "
+                f"--max-request-bytes is below the {MAX_REQUEST_BYTES} bytes fleet expects; "
+                "make the unit files smaller or raise that limit"
+            )
+        if "permission denied" in details:
+            return PermissionDenied(
+                f"etcd at {where} denied {who} {doing} under {self.layout.prefix}: "
+                "permission denied (the user's roles do not allow it)"
+            )
+        return None
+
+    # ------------------------------------------------------------------------------ plumbing
+
     @contextmanager
-    def _calling(self) -> Iterator[None]:
+    def _calling(self, doing: str = "this request") -> Iterator[None]:
         try:
+            if self._token is None:
+                self._authenticate()
             yield
         except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
+            denied = self._refusal(exc, doing)
+            if denied is not None:
+                raise denied from exc
             reason = _reason(exc)
             if any(e.startswith("https:") for e in self.endpoints) and isinstance(
                 exc, etcd_exceptions.ConnectionFailedError | etcd_exceptions.NoServerAvailableError
@@ -143,13 +275,18 @@ class EtcdRegistry:
                 f"cannot reach etcd at {','.join(self.endpoints)}: {reason}"
             ) from exc
 
-    def _retrying(self, call: Callable[[], Any], attempts: int = 3) -> Any:
+    def _retrying(
+        self, call: Callable[[], Any], attempts: int = 3, doing: str = "write access"
+    ) -> Any:
         """Run an idempotent call, moving to the next endpoint when one fails."""
         first: RegistryUnavailable | None = None
         for attempt in range(attempts):
             try:
-                with self._calling():
+                with self._calling(doing):
                     return call()
+            except (AuthError, PermissionDenied, UnitTooLarge):
+                # Another endpoint would give the same answer.
+                raise
             except RegistryUnavailable as exc:
                 # The first failure names the real cause; later ones only say that every
                 # endpoint is marked failed.
@@ -181,8 +318,44 @@ class EtcdRegistry:
             snap.revision = response.header.revision
             return snap
 
-        result: Snapshot = self._retrying(read)
+        result: Snapshot = self._retrying(read, doing="read access")
         return result
+
+    def lease_ages(self, machine_ids: Iterable[str]) -> dict[str, float]:
+        """Seconds since each machine last renewed its lease: the lease's granted TTL less what
+        remains of it (etcd resets the remainder on every keep-alive). Costs one read per
+        machine and nothing on the agents' side; machines whose key or lease is gone are left
+        out."""
+        wanted = set(machine_ids)
+        prefix = self.layout.kind_prefix(Kind.MACHINE)
+
+        def leases() -> dict[str, int]:
+            found = self._client.get_prefix(prefix, keys_only=True)
+            return {
+                meta.key.decode()[len(prefix) :]: int(meta.lease_id)
+                for _, meta in found
+                if meta.key.decode()[len(prefix) :] in wanted and meta.lease_id
+            }
+
+        def ttl(lease_id: int) -> tuple[int, int]:
+            # Without the keys: listing a lease's keys needs read access to them.
+            request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False)
+            try:
+                response = self._client.leasestub.LeaseTimeToLive(
+                    request, self.timeout, metadata=self._client.metadata
+                )
+            except grpc.RpcError as exc:
+                # As the library's own calls do: a dead endpoint is marked, the retry moves on.
+                self._client._manage_grpc_errors(exc)
+                raise
+            return int(response.grantedTTL), int(response.TTL)
+
+        ages: dict[str, float] = {}
+        for machine_id, lease_id in self._retrying(leases, doing="read access").items():
+            granted, remaining = self._retrying(partial(ttl, lease_id), doing="read access")
+            if remaining >= 0 and granted > 0:
+                ages[machine_id] = float(max(0, granted - remaining))
+        return ages
 
     def watch(
         self, start_revision: int, callback: Callable[[list[WatchEvent] | BaseException], None]
@@ -209,9 +382,27 @@ class EtcdRegistry:
             if events:
                 callback(events)
 
-        with self._calling():
-            watch_id = self._client.add_watch_prefix_callback(
-                prefix, on_response, start_revision=start_revision
+        def add() -> int:
+            return int(
+                self._client.add_watch_prefix_callback(
+                    prefix, on_response, start_revision=start_revision
+                )
+            )
+
+        with self._calling("read access"):
+            watch_id = add()
+            if watch_id < 0 and self.username:
+                # etcd refused the watch: the stream may carry an expired token. Try once more
+                # on a fresh stream with a fresh token before calling it a denial.
+                self._forget_token()
+                self._authenticate()
+                self._reset_watch_stream()
+                watch_id = add()
+        if watch_id < 0:
+            raise PermissionDenied(
+                f"etcd at {','.join(self.endpoints)} refused to watch {prefix}"
+                + (f" for user {self.username!r}" if self.username else "")
+                + ": permission denied (the user's roles do not allow reading it)"
             )
 
         def cancel() -> None:
@@ -245,29 +436,30 @@ class EtcdRegistry:
         the revision `seen` shows, so concurrent fleetctl runs cannot silently overwrite each
         other. Returns False when a guard failed (re-read, decide again, retry).
 
-        Up to MAX_TXN_OPS / 2 units go in one transaction, so agents see such a batch at once
-        and plan it as a whole. A larger batch is split, each part carrying its own units'
-        guards; after a failed part, the parts before it stay written and a retry finds them
-        already done.
+        Up to MAX_TXN_OPS / 2 units (within etcd's request size) go in one transaction, so
+        agents see such a batch at once and plan it as a whole. A larger batch is split, each
+        part carrying its own units' guards; after a failed part, the parts before it stay
+        written and a retry finds them already done.
         """
         tx = self._client.transactions
-        groups: list[tuple[Any, list[Any]]] = []
+        groups: list[_Group] = []
         for record in records:
             key = self.layout.unit(record.name)
             old = seen.units.get(record.name)
             ops: list[Any] = []
+            size = 3 * len(key)
             if old is None or old.hash != record.hash:
-                ops.append(tx.put(key, encode_unit(record)))
+                value = encode_unit(record)
+                ops.append(tx.put(key, value))
+                size += len(value.encode())
             current = seen.desired.get(record.name)
             state = desired or (current.state if current else DesiredState.INACTIVE)
             if current is None or current.state is not state:
                 ops.append(tx.put(self.layout.desired(record.name), state.value))
             if ops:
-                groups.append((tx.mod(key) == (old.revision if old else 0), ops))
-        per_txn = MAX_TXN_OPS // 2
-        for start in range(0, len(groups), per_txn):
-            chunk = groups[start : start + per_txn]
-            if not self._txn([c for c, _ in chunk], [op for _, ops in chunk for op in ops]):
+                groups.append((tx.mod(key) == (old.revision if old else 0), ops, size))
+        for chunk in _batches(groups):
+            if not self._txn([c for c, _, _ in chunk], [op for _, ops, _ in chunk for op in ops]):
                 return False
         return True
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetd.errors import InvalidUnitFile, InvalidUnitName
+from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
 from fleetd.keys import KeyLayout, Kind, ParsedKey
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
@@ -60,6 +60,34 @@ class Desired:
 
 def encode_unit(record: UnitRecord) -> str:
     return json.dumps({"name": record.name, "text": record.text, "hash": record.hash})
+
+
+# etcd refuses a request whose raft entry exceeds --max-request-bytes (1.5 MiB by default) with
+# "request is too large"; above that plus gRPC's 512 KiB allowance the server's gRPC layer drops
+# it as "received message larger than max". The raft entry is the binding limit: it holds the
+# whole transaction, so a unit's stored value must leave room for its keys (a unit name is at
+# most 256 bytes, the prefix is the operator's), the desired-state put and the compares.
+MAX_REQUEST_BYTES = 1536 * 1024
+REQUEST_OVERHEAD = 4096
+MAX_UNIT_VALUE_BYTES = MAX_REQUEST_BYTES - REQUEST_OVERHEAD
+
+
+def unit_value_size(record: UnitRecord) -> int:
+    """Bytes the unit's stored value takes in etcd (JSON escaping included)."""
+    return len(encode_unit(record).encode())
+
+
+def check_unit_size(record: UnitRecord) -> None:
+    """Refuse a unit etcd would refuse, before anything is sent (and, on the agent's side, a
+    value no honest client could have written)."""
+    size = unit_value_size(record)
+    if size > MAX_UNIT_VALUE_BYTES:
+        raise UnitTooLarge(
+            f"unit {record.name} is too large for etcd: {size} bytes stored "
+            f"({len(record.text.encode())} of text, JSON-escaped) exceed the limit of "
+            f"{MAX_UNIT_VALUE_BYTES} bytes (etcd's default --max-request-bytes of 1.5 MiB less "
+            f"{REQUEST_OVERHEAD} for the request's keys and framing): make the unit file smaller"
+        )
 
 
 def encode_owner(machine_id: str) -> str:
@@ -108,7 +136,11 @@ def _brief(exc: BaseException) -> str:
 
 def _load(value: bytes | str) -> Any:
     text = value.decode() if isinstance(value, bytes) else value
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        # JSON nested deeper than the interpreter's stack: no encoder here writes that.
+        raise ValueError("registry value nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------- snapshot
@@ -188,6 +220,16 @@ class Snapshot:
                 parse_unit_name(parsed.name)
             except InvalidUnitName as exc:
                 reason = str(exc)
+        too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
+        if reason is None and parsed is not None and parsed.kind is Kind.UNIT and too_large:
+            # fleetctl never stores more; a larger value came from another writer, and an
+            # agent does not build a file from it.
+            assert value is not None
+            reason = (
+                f"stored unit of {len(value)} bytes exceeds the limit of "
+                f"{MAX_UNIT_VALUE_BYTES} bytes"
+            )
+            self._delete(parsed)
         if reason is None and parsed is not None:
             if parsed.kind is not Kind.STATE:
                 self.changes.add((parsed.kind, parsed.name))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydbus import SystemBus, connect
 from fleetd.errors import SystemdError
 from fleetd.model import SystemdState
 from fleetd.podman import PodmanProbe, runtime_dir
+from fleetd.snapshot import UnitRecord, check_unit_size
 from fleetd.unitfile import content_hash, has_section, parse_unit_name
 
 SYSTEMD_SERVICE = "org.freedesktop.systemd1"
@@ -34,6 +36,8 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
 
 NOT_FOUND = SystemdState(load="not-found", active="inactive", sub="dead")
+UNIT_FILE_MODE = 0o644
+UNITS_DIRECTORY_MODE = 0o755
 
 
 # D-Bus errors systemd answers with when the unit (or its file) simply is not there; unloading a
@@ -91,14 +95,25 @@ class DbusUnitManager:
 
     def load(self, name: str, text: str) -> None:
         path = self._path(name)
-        self.units_directory.mkdir(parents=True, exist_ok=True)
+        # The registry's size limit again: a file is only ever built from a unit fleetctl could
+        # have stored.
+        check_unit_size(UnitRecord(name, text, content_hash(text)))
+        directory = self._units_directory()
         # Written aside and renamed, so a crash never leaves a half-written unit that a later
         # reload would pick up; then linked and the link read back. A failed link removes the
         # file again: a file whose hash matches but that systemd does not know would never be
         # linked by a later round.
         self._linked.discard(name)
-        tmp = self.units_directory / f".{name}.tmp"
-        tmp.write_text(text)
+        tmp = directory / f".{name}.tmp"
+        # Never through a link someone planted: the temporary name is created afresh, without
+        # following symlinks, readable by all (systemd) and writable by us only; the rename
+        # then replaces whatever was at the unit's name, a symlink included, without following
+        # it.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, UNIT_FILE_MODE)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, UNIT_FILE_MODE)
+            out.write(text)
         tmp.replace(path)
         try:
             self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
@@ -141,7 +156,8 @@ class DbusUnitManager:
             return {}
         out: dict[str, str] = {}
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_file():
+            # Only files we wrote: not temporaries, not links someone put there.
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_file():
                 continue
             if entry.name not in self._linked and not self._check_link(entry):
                 continue
@@ -229,7 +245,25 @@ class DbusUnitManager:
 
     def _path(self, name: str) -> Path:
         parse_unit_name(name)  # the one validator; raises InvalidUnitName
-        return self.units_directory / name
+        path = self.units_directory / name
+        # A valid name has no '/' and is not '.' or '..': the path stays in the directory.
+        assert path.parent == self.units_directory
+        return path
+
+    def _units_directory(self) -> Path:
+        """The units directory, created 0755; refused if it is a symlink (our files would land
+        wherever it points), tightened if others may write into it (they could plant units)."""
+        directory = self.units_directory
+        directory.mkdir(mode=UNITS_DIRECTORY_MODE, parents=True, exist_ok=True)
+        info = directory.lstat()
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise SystemdError(
+                f"units directory {directory} is not a plain directory: "
+                "set units_directory to a directory of its own"
+            )
+        if info.st_mode & 0o022:
+            os.chmod(directory, stat.S_IMODE(info.st_mode) & ~0o022)
+        return directory
 
     def _call(
         self,

@@ -9,7 +9,7 @@ from fleetctl import output
 from fleetctl.client import registry
 from fleetctl.commands.lifecycle import existing_records, unit_names
 from fleetctl.commands.remote import SshPort, address, client, systemctl_status_command
-from fleetctl.options import UnitName, UnitNames
+from fleetctl.options import OutputFormat, UnitName, UnitNames
 from fleetctl.ssh import DEFAULT_PORT, SshError
 
 
@@ -30,12 +30,18 @@ def status(
             "--registry-only", help="Only what the registry holds; no systemctl status over ssh."
         ),
     ] = False,
+    output_format: OutputFormat = "table",
 ) -> None:
     """Show what the machines running each unit report, or why no machine runs it; then, for a
-    unit a machine runs, that machine's `systemctl status` over ssh."""
+    unit a machine runs, that machine's `systemctl status` over ssh (not with `-o json`: the
+    JSON document holds the registry's part only)."""
+    fmt = output.parse_output(output_format)
     names = unit_names(units)
     snapshot = registry(ctx).snapshot()
     records = existing_records(snapshot, names)
+    if fmt == "json":
+        output.raw(output.document(output.status_document(snapshot, records)))
+        return
     output.table("\n".join(output.status_block(snapshot, record) for record in records))
     for message in output.refused_messages(snapshot, names):
         output.warn(message)

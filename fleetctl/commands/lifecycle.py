@@ -29,7 +29,7 @@ from fleetd.errors import (
 )
 from fleetd.model import DesiredState, PublishedState
 from fleetd.placement import explain, machines_running_global
-from fleetd.snapshot import Snapshot, UnitRecord
+from fleetd.snapshot import Snapshot, UnitRecord, check_unit_size
 from fleetd.unitfile import (
     UnitName,
     content_hash,
@@ -188,6 +188,10 @@ def plan_units(units: Sequence[LocalUnit], snapshot: Snapshot, replace: bool) ->
             # The new content keeps the unit's desired state: the owner of a running unit
             # stops it, loads the new file and starts it again.
             plan.records.append(UnitRecord(name, local_text, content_hash(local_text)))
+    for record in plan.records:
+        # Only content this command would send; a stored unit passed etcd's limit already.
+        if snapshot.units.get(record.name) is not record:
+            check_unit_size(record)
     return plan
 
 
@@ -328,6 +332,17 @@ def reached_message(snapshot: Snapshot, name: str, target: DesiredState, verb: s
     return f"Unit {name} {target.value} on {where}"
 
 
+def _stage(snapshot: Snapshot, name: str, target: DesiredState) -> int:
+    """How far a unit got towards `target`: 0 nobody took it (or, to stop, still owned), 1 an
+    owner but nothing published, 2 published but not there yet. The lowest is the slowest."""
+    owner = snapshot.owner_of(name)
+    if target is DesiredState.INACTIVE:
+        return 0 if owner is not None else 2
+    if owner is None:
+        return 0
+    return 1 if owner not in snapshot.states.get(name, {}) else 2
+
+
 def wait_for(
     reg: Registry,
     names: Sequence[str],
@@ -335,27 +350,46 @@ def wait_for(
     attempts: int,
     verb: str,
     sleep: Callable[[float], None] = time.sleep,
+    announce: bool = True,
 ) -> None:
-    """Poll until every unit reports `target`, printing each as it gets there; after `attempts`
-    polls (0: never) give up, naming the first unit left and why it is not there."""
+    """Poll until every unit reports `target`, printing each as it gets there (unless not
+    `announce`); after `attempts` polls (0: never) give up, naming the first unit left and why
+    it is not there. On a terminal, a progress line shows while several units are pending."""
     pending = list(names)
     polls = 0
-    while True:
-        snapshot = reg.snapshot()
-        polls += 1
-        for name in list(pending):
-            if reached(snapshot, name, target):
-                output.echo(reached_message(snapshot, name, target, verb))
-                pending.remove(name)
-        if not pending:
-            return
-        if attempts and polls >= attempts:
-            first = pending[0]
-            message = f"Unit {first} not {target.value}: {why_not(snapshot, first, target)}"
-            if len(pending) > 1:
-                message += f" (also not {target.value}: {', '.join(pending[1:])})"
-            raise WaitGaveUp(message)
-        sleep(POLL_INTERVAL)
+    progress = output.Progress.on_stdout() if len(names) > 1 else output.Progress(None)
+    try:
+        while True:
+            snapshot = reg.snapshot()
+            polls += 1
+            for name in list(pending):
+                if reached(snapshot, name, target):
+                    if announce:
+                        progress.clear()
+                        output.echo(reached_message(snapshot, name, target, verb))
+                    pending.remove(name)
+            if not pending:
+                return
+            if attempts and polls >= attempts:
+                progress.clear()
+                first = pending[0]
+                message = f"Unit {first} not {target.value}: {why_not(snapshot, first, target)}"
+                if len(pending) > 1:
+                    message += f" (also not {target.value}: {', '.join(pending[1:])})"
+                raise WaitGaveUp(message)
+            if progress.enabled:
+                slowest = min(pending, key=lambda n: _stage(snapshot, n, target))
+                progress.show(
+                    output.progress_text(
+                        len(names) - len(pending),
+                        len(names),
+                        slowest,
+                        why_not(snapshot, slowest, target),
+                    )
+                )
+            sleep(POLL_INTERVAL)
+    finally:
+        progress.clear()
 
 
 def triggered(snapshot: Snapshot, names: Sequence[str], verb: str) -> None:
@@ -506,14 +540,22 @@ def restart(
     settle(reg, snapshot, names, DesiredState.LAUNCHED, no_block, block_attempts, "start")
 
 
-def destroy(ctx: typer.Context, units: UnitNames) -> None:
-    """Remove units from the cluster: their owners stop and forget them."""
+def destroy(
+    ctx: typer.Context,
+    units: UnitNames,
+    no_block: NoBlock = False,
+    block_attempts: BlockAttempts = 0,
+) -> None:
+    """Remove units from the cluster: their owners stop and forget them; waits until they did."""
     names = unit_names(units)
     reg = registry(ctx)
     existing_records(reg.snapshot(), names)
     reg.destroy(names)
     for name in names:
         output.echo(f"Destroyed {name}")
+    if not no_block:
+        # As fleet does: the command returns once no machine holds or reports the units.
+        wait_for(reg, names, DesiredState.INACTIVE, block_attempts, "destroy", announce=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ import typer
 
 from fleetctl import output
 from fleetctl.client import Registry, registry
+from fleetctl.options import OutputFormat
 from fleetd.errors import FleetError
 from fleetd.model import DesiredState
 from fleetd.rebalance import Move, imbalance, plan_rebalance
@@ -77,11 +78,17 @@ def rebalance(
     move_timeout: Annotated[
         float, typer.Option("--move-timeout", min=1, help="Seconds to wait for each move.")
     ] = 60.0,
+    output_format: OutputFormat = "table",
 ) -> None:
     """Move units from busy machines to idle ones, one at a time, keeping every rule."""
+    if output.parse_output(output_format) == "json" and not dry_run:
+        raise output.UnknownFormat("--output json shows a plan: add --dry-run")
     reg = registry(ctx)
     snapshot = reg.snapshot()
     moves = plan_rebalance(snapshot, max_moves)
+    if output_format == "json":
+        output.raw(output.document(output.rebalance_document(moves, imbalance(snapshot))))
+        return
     if not moves:
         output.echo(f"Nothing to move (imbalance {imbalance(snapshot)})")
         return

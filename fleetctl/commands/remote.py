@@ -19,6 +19,7 @@ import typer
 
 from fleetctl.client import options_of, registry
 from fleetctl.commands.lifecycle import unit_names
+from fleetctl.completion import complete_machine_ids, complete_machine_or_unit, complete_unit_names
 from fleetctl.ssh import DEFAULT_PORT, Ssh
 from fleetd.errors import FleetError, InvalidUnitName, UnitNotFound
 from fleetd.model import Machine
@@ -143,17 +144,30 @@ def ssh(
     ctx: typer.Context,
     target: Annotated[
         str | None,
-        typer.Argument(help="Machine id, id prefix or name, or a unit name.", show_default=False),
+        typer.Argument(
+            help="Machine id, id prefix or name, or a unit name.",
+            show_default=False,
+            autocompletion=complete_machine_or_unit,
+        ),
     ] = None,
     command: Annotated[
         list[str] | None,
         typer.Argument(help="Command to run (after --); none: an interactive shell."),
     ] = None,
     machine: Annotated[
-        str | None, typer.Option("--machine", "-m", help="Open SSH to this machine.")
+        str | None,
+        typer.Option(
+            "--machine", "-m", help="Open SSH to this machine.", autocompletion=complete_machine_ids
+        ),
     ] = None,
     unit: Annotated[
-        str | None, typer.Option("--unit", "-u", help="Open SSH to the machine running this unit.")
+        str | None,
+        typer.Option(
+            "--unit",
+            "-u",
+            help="Open SSH to the machine running this unit.",
+            autocompletion=complete_unit_names,
+        ),
     ] = None,
     ssh_port: SshPort = DEFAULT_PORT,
 ) -> None:
@@ -182,7 +196,12 @@ def ssh(
 
 def journal(
     ctx: typer.Context,
-    unit: Annotated[str, typer.Argument(help="A unit name.", show_default=False)],
+    unit: Annotated[
+        str,
+        typer.Argument(
+            help="A unit name.", show_default=False, autocompletion=complete_unit_names
+        ),
+    ],
     lines: Annotated[
         int, typer.Option("--lines", "-n", min=0, help="Number of recent lines to show.")
     ] = 10,

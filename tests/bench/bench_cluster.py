@@ -191,7 +191,7 @@ def main() -> None:
     directory = tempfile.mkdtemp(prefix="lcw-", dir="/tmp")
     try:
         lc(directory, "up", "--agent-ttl", f"{args.ttl:g}")
-        endpoint = lc(directory, "env").strip().split("=", 1)[1].split(",")[0]
+        endpoint = lc(directory, "env").strip().splitlines()[-1].split("=", 1)[1].split(",")[0]
         env = {**os.environ, "FLEETCTL_ENDPOINT": endpoint}
         names = machine_addresses()
         machines = sorted(names)

@@ -157,7 +157,7 @@ def bench_real(machines: int, units: int) -> None:
         start = time.perf_counter()
         _lc(directory, "up", "--config", str(cluster))
         print(f"real cluster: {machines} machines up in {time.perf_counter() - start:.1f} s")
-        endpoint = _lc(directory, "env").splitlines()[0].split("=", 1)[1]
+        endpoint = _lc(directory, "env").splitlines()[-1].split("=", 1)[1]
         env = {**os.environ, "FLEETCTL_ENDPOINT": endpoint}
         template = Path(directory) / "bench@.service"
         template.write_text("[Service]\nExecStart=/bin/sleep 100000\n")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetd.errors import InvalidUnitName, SystemdError
+from fleetd.errors import InvalidUnitName, SystemdError, UnitTooLarge
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.model import SystemdState
+from fleetd.snapshot import MAX_UNIT_VALUE_BYTES
 from fleetd.systemd import DbusUnitManager
 
 try:
@@ -354,6 +355,55 @@ def test_template_instance_runs_from_a_file_of_its_own_name(backend: Backend) ->
 def test_names_that_cannot_be_file_names_are_refused(backend: Backend, bad: str) -> None:
     with pytest.raises(InvalidUnitName):
         backend.manager.load(bad, FAILING_UNIT)
+
+
+def test_a_unit_larger_than_the_registry_limit_is_refused(backend: Backend) -> None:
+    text = FAILING_UNIT + "#" * MAX_UNIT_VALUE_BYTES
+    with pytest.raises(UnitTooLarge):
+        backend.manager.load("huge.service", text)
+    assert backend.manager.loaded_units() == {}
+    if backend.kind == "real":
+        assert not (backend.workdir / "units" / "huge.service").exists()
+
+
+@requires_real_manager
+def test_unit_files_are_written_safely(user_manager, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Mode 0644 in a 0755 directory; links planted at the file's name or at its temporary name
+    are replaced, never written through; a units directory that is a link is refused."""
+    units = tmp_path / "units"
+    units.mkdir(mode=0o777)
+    os.chmod(units, 0o777)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (units / "planted.service").symlink_to(victim)
+    (units / ".planted.service.tmp").symlink_to(victim)
+    manager = DbusUnitManager(units, user=True, bus_address=user_manager.bus_address)
+    try:
+        manager.load("planted.service", FAILING_UNIT)
+        path = units / "planted.service"
+        assert not path.is_symlink()
+        assert path.read_text() == FAILING_UNIT
+        assert victim.read_text() == "untouched\n"
+        assert path.stat().st_mode & 0o777 == 0o644
+        assert units.stat().st_mode & 0o777 == 0o755
+        assert not (units / ".planted.service.tmp").exists()
+        manager.unload("planted.service")
+        manager.reload()
+    finally:
+        manager.close()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked-units").symlink_to(elsewhere)
+    linked = DbusUnitManager(
+        tmp_path / "linked-units", user=True, bus_address=user_manager.bus_address
+    )
+    try:
+        with pytest.raises(SystemdError, match="is not a plain directory"):
+            linked.load("a.service", FAILING_UNIT)
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        linked.close()
 
 
 @requires_real_manager

@@ -180,8 +180,10 @@ def test_life_cycle_of_a_local_cluster(cluster_dir: Path, tmp_path: Path) -> Non
     text = run("status", "--dir", cluster_dir, "--no-legend").stdout.splitlines()
     assert len(text) == 2 and text[0].startswith("alpha ") and "zone=us-east-1a" in text[0]
 
-    env = run("env", "--dir", cluster_dir).stdout.strip()
-    assert env.startswith("export FLEETCTL_ENDPOINT=http://127.0.0.1:")
+    env = run("env", "--dir", cluster_dir).stdout.strip().splitlines()
+    # The endpoint comes last (scripts read it there), after the ssh settings.
+    assert env[-1].startswith("export FLEETCTL_ENDPOINT=http://127.0.0.1:")
+    assert all(line.startswith("export FLEETCTL_") for line in env)
 
     # ssh reaches that machine's own manager and passes exit codes through.
     show = run("ssh", "alpha", "--dir", cluster_dir, "--", "systemctl", "--user", "show", "-p",

@@ -47,6 +47,9 @@ class Harness:
     # for every agent: hollow machines, each still with its own lease, claims and units.
     shared_mirror: bool = False
     stagger: float = 0.2
+    # (user, password) of the agents and of `client()` on an etcd with authentication.
+    agent_login: tuple[str, str] | None = None
+    client_login: tuple[str, str] | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
     _shared: EtcdRegistry | None = None
     mirror: Mirror | None = None
@@ -69,7 +72,9 @@ class Harness:
                 self._shared = EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
             registry = self._shared
         else:
-            registry = EtcdRegistry(config.etcd_servers, config.etcd_key_prefix, timeout=3.0)
+            registry = EtcdRegistry(
+                config.etcd_servers, config.etcd_key_prefix, timeout=3.0, **_login(self.agent_login)
+            )
         manager = manager or FakeUnitManager()
         if self.shared_mirror and registry is self._shared and self.mirror is None:
             self.mirror = Mirror(registry, lambda: None)
@@ -88,7 +93,7 @@ class Harness:
         return node
 
     def client(self) -> EtcdRegistry:
-        return EtcdRegistry(self.endpoints, self.prefix, timeout=3.0)
+        return EtcdRegistry(self.endpoints, self.prefix, timeout=3.0, **_login(self.client_login))
 
     def submit(
         self, units: Mapping[str, str], desired: DesiredState = DesiredState.LAUNCHED
@@ -162,6 +167,10 @@ class Harness:
             if node.agent.me == machine_id:
                 return name
         return machine_id
+
+
+def _login(login: tuple[str, str] | None) -> dict[str, str]:
+    return {"username": login[0], "password": login[1]} if login else {}
 
 
 def ids(nodes: Iterable[Node]) -> dict[str, str]:

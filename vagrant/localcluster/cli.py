@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from localcluster import containers
+from localcluster import auth, containers
 from localcluster.containers import ContainerHostError
 from localcluster.etcd import EtcdCluster, EtcdError, pid_alive, wait_pid_gone
 from localcluster.manager import ManagerError, ManagerHandle, cgroup_name, start_manager
@@ -86,6 +86,8 @@ class ClusterState:
     machines: list[MachineSpec]
     ssh_port: int = 22
     metrics_port: int = 0  # 0: fleetd serves no metrics
+    # etcd authentication on (`up --auth`): fleetd and fleetctl then log in (localcluster.auth).
+    auth: bool = False
 
     @classmethod
     def load(cls, dir: Path) -> ClusterState | None:
@@ -106,6 +108,7 @@ class ClusterState:
                 MachineSpec(m["name"], int(m["index"]), dict(m["metadata"]))
                 for m in raw["machines"]
             ],
+            auth=bool(raw.get("auth", False)),
         )
 
     def save(self) -> None:
@@ -115,6 +118,7 @@ class ClusterState:
             "fast_elections": self.fast_elections,
             "ssh_port": self.ssh_port,
             "metrics_port": self.metrics_port,
+            "auth": self.auth,
             "machines": [
                 {"name": m.name, "index": m.index, "metadata": m.metadata} for m in self.machines
             ],
@@ -283,6 +287,15 @@ class Machine:
             *(
                 [f"metrics_address = {_toml_string(self.metrics_address)}"]
                 if self.cluster.metrics_port
+                else []
+            ),
+            *(
+                [
+                    f"etcd_username = {_toml_string(auth.AGENT_USER)}",
+                    "etcd_password_file = "
+                    + _toml_string(str(auth.password_file(self.cluster.dir, auth.AGENT_USER))),
+                ]
+                if self.cluster.auth
                 else []
             ),
             "",
@@ -467,16 +480,23 @@ def find_fleetd() -> str:
 # -- etcd helpers -------------------------------------------------------------------------------
 
 
-def registered(endpoints: Sequence[str]) -> dict[str, int] | None:
+def registered(
+    endpoints: Sequence[str], login: tuple[str, str] | None = None
+) -> dict[str, int] | None:
     """Machine ids present under the key prefix with their keys' mod revisions, or None if no
-    endpoint answered."""
+    endpoint answered. `login` is (user, password) on a cluster with etcd authentication."""
     import pyetcd
+    from pyetcd import etcdrpc
 
     prefix = f"{KEY_PREFIX}machine/"
     for endpoint in endpoints:
         host, _, port = endpoint.removeprefix("http://").partition(":")
         client = pyetcd.client(host=host, port=int(port), timeout=2)
         try:
+            if login is not None:
+                # The token goes in the call metadata: the library's own login needs TLS.
+                request = etcdrpc.AuthenticateRequest(name=login[0], password=login[1])
+                client.metadata = (("token", client.authstub.Authenticate(request, 2).token),)
             found = client.get_prefix(prefix, keys_only=True)
             return {meta.key.decode()[len(prefix) :]: meta.mod_revision for _, meta in found}
         except Exception:  # any failure of this member: ask the next one
@@ -500,8 +520,9 @@ def wait_registered(
     baseline = baseline or {}
     deadline = time.monotonic() + timeout
     pending = {m.machine_id: m for m in machines}
+    login = _viewer_login(machines[0].cluster) if machines else None
     while pending:
-        present = registered(endpoints) or {}
+        present = registered(endpoints, login) or {}
         for machine_id in list(pending):
             if present.get(machine_id, 0) > baseline.get(machine_id, 0):
                 del pending[machine_id]
@@ -584,12 +605,17 @@ def ssh_exports(state: ClusterState) -> list[str]:
         f"export FLEETCTL_SSH_IDENTITY_FILE={ssh_dir(state.dir) / 'id_ed25519'}",
         f"export FLEETCTL_KNOWN_HOSTS_FILE={ssh_dir(state.dir) / 'known_hosts'}",
     ]
+def _viewer_login(state: ClusterState) -> tuple[str, str] | None:
+    if not state.auth:
+        return None
+    return auth.VIEWER_USER, auth.password(state.dir, auth.VIEWER_USER)
 
 
 def bring_up(machines: Sequence[Machine], etcd: EtcdCluster, timeout: float) -> list[str]:
     """Start what is not running of each machine, then wait for all to register."""
     to_start = [m for m in machines if not m.fleetd_running()]
-    before = (registered(etcd.endpoints) or {}) if to_start else {}
+    login = _viewer_login(machines[0].cluster) if machines else None
+    before = (registered(etcd.endpoints, login) or {}) if to_start else {}
     baseline = {m.machine_id: before[m.machine_id] for m in to_start if m.machine_id in before}
 
     # Built (or found up to date) once per cluster; every machine lists it read-only.
@@ -635,6 +661,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 etcd_members=args.etcd_members or 1,
                 fast_elections=args.fast_elections,
                 machines=[],
+                auth=args.auth,
             )
             for name, metadata in machines:
                 state.add(name, metadata)
@@ -659,12 +686,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                     f"cluster in {dir} has its sshd on port {state.ssh_port}; "
                     "`destroy` it to change that"
                 )
+            if args.auth and not state.auth:
+                raise UserError(f"cluster in {dir} runs without --auth; `destroy` it first")
         state.save()
         ensure_operator_key(state)
         t0 = time.monotonic()
         etcd = EtcdCluster.start(
             dir / "etcd", members=state.etcd_members, fast=state.fast_elections
         )
+        if state.auth:
+            auth.setup(etcd.endpoints, dir, KEY_PREFIX)
         machines_ = [Machine(state, spec) for spec in state.machines]
         started = bring_up(machines_, etcd, args.timeout)
         took = time.monotonic() - t0
@@ -672,10 +703,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"cluster up in {dir}: {len(machines_)} machine(s), "
         f"{len(started)} fleetd started, {took:.1f}s"
     )
-    print("\n".join(ssh_exports(state)))
-    # Last, as scripts take the last line for the endpoint.
-    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
+    print_env(state, etcd)
     return 0
+
+
+def print_env(state: ClusterState, etcd: EtcdCluster) -> None:
+    """The variables fleetctl needs; the endpoint line comes last (scripts read it)."""
+    print("\n".join(ssh_exports(state)))
+    if state.auth:
+        print(f"export FLEETCTL_USERNAME={auth.ADMIN_USER}")
+        print(f"export FLEETCTL_PASSWORD={auth.password(state.dir, auth.ADMIN_USER)}")
+    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -683,8 +721,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     etcd = EtcdCluster.load(state.dir / "etcd")
     if etcd is None:
         raise UserError(f"no etcd recorded in {state.dir}; run `{PROG} up --dir {state.dir}`")
-    print(f"export FLEETCTL_ENDPOINT={','.join(etcd.endpoints)}")
-    print("\n".join(ssh_exports(state)))
+    print_env(state, etcd)
     return 0
 
 
@@ -1153,6 +1190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-elections",
         action="store_true",
         help="etcd heartbeat 20 ms, election timeout 200 ms (quick failover)",
+    )
+    up.add_argument(
+        "--auth",
+        action="store_true",
+        help="etcd authentication: root, fleet's roles and users, then auth enable "
+        "(passwords in <dir>/auth/)",
     )
     up.set_defaults(func=cmd_up)
 

@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,17 +146,31 @@ def _log_tail(path: str, lines: int = 15) -> str:
 class EtcdCluster:
     """One or three etcd members whose data, logs and state file live under `dir`."""
 
-    def __init__(self, dir: Path, members: list[Member], token: str, fast: bool) -> None:
+    def __init__(
+        self,
+        dir: Path,
+        members: list[Member],
+        token: str,
+        fast: bool,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.dir = dir
         self.members = members
         self.token = token
         self.fast = fast
+        # More etcd flags for every member (tests: a short --auth-token-ttl).
+        self.extra = list(extra)
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
     def start(
-        cls, dir: Path, members: int = 1, fast: bool = False, timeout: float = 20
+        cls,
+        dir: Path,
+        members: int = 1,
+        fast: bool = False,
+        timeout: float = 20,
+        extra: Sequence[str] = (),
     ) -> EtcdCluster:
         """Start a new cluster in `dir`, or bring back the dead members of the one in there."""
         dir = Path(dir).resolve()
@@ -171,6 +185,7 @@ class EtcdCluster:
         # Another process can grab a port between our bind test and etcd's bind: pick anew then.
         for _ in range(3):
             cluster = cls._fresh(dir, members, fast)
+            cluster.extra = list(extra)
             try:
                 cluster._launch_all(timeout)
             except EtcdError as exc:
@@ -207,7 +222,8 @@ class EtcdCluster:
         except (OSError, ValueError):
             return None
         members = [Member(**m) for m in raw["members"]]
-        return cls(dir, members, str(raw["token"]), bool(raw["fast"]))
+        extra = [str(a) for a in raw.get("extra", [])]
+        return cls(dir, members, str(raw["token"]), bool(raw["fast"]), extra)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -329,7 +345,7 @@ class EtcdCluster:
         ]  # fmt: skip
         if self.fast:
             cmd += FAST_TIMING
-        return cmd
+        return cmd + self.extra
 
     def _spawn(self, index: int) -> None:
         member = self.members[index]
@@ -395,6 +411,7 @@ class EtcdCluster:
         state = {
             "token": self.token,
             "fast": self.fast,
+            "extra": self.extra,
             "members": [asdict(m) for m in self.members],
         }
         tmp = self.dir / (STATE_FILE + ".tmp")

@@ -236,16 +236,42 @@ def existing_records(snapshot: Snapshot, names: Sequence[str]) -> list[UnitRecor
 # ---------------------------------------------------------------------------------- waiting
 
 
-def _state_ok(state: PublishedState | None, record: UnitRecord, target: DesiredState) -> bool:
+# A failure published this long before fleetctl began waiting is an earlier run's, not the
+# outcome of this command (the slack absorbs clock differences between this host and the agent's).
+FAILED_SLACK = 1.0
+
+
+def _failed_since(state: PublishedState, record: UnitRecord, failed_since: float | None) -> bool:
+    return (
+        failed_since is not None
+        and state.active == "failed"
+        and state.hash == record.hash
+        and state.since >= failed_since
+    )
+
+
+def _state_ok(
+    state: PublishedState | None,
+    record: UnitRecord,
+    target: DesiredState,
+    failed_since: float | None = None,
+) -> bool:
     if state is None:
         return False
     if target is DesiredState.LAUNCHED:
-        return state.active == "active" and state.hash == record.hash
+        # A unit that failed after it was launched got as far as it will: waiting on would hang
+        # until the operator gives up (fleet, too, returns once the agent launched it).
+        return (state.active == "active" and state.hash == record.hash) or _failed_since(
+            state, record, failed_since
+        )
     return state.load == "loaded" and state.active != "active"
 
 
-def reached(snapshot: Snapshot, name: str, target: DesiredState) -> bool:
-    """Whether the cluster reports `name` in `target`, as published by the machines."""
+def reached(
+    snapshot: Snapshot, name: str, target: DesiredState, failed_since: float | None = None
+) -> bool:
+    """Whether the cluster reports `name` in `target`, as published by the machines. With
+    `failed_since`, a unit launched but failed since then counts as launched."""
     per = snapshot.states.get(name, {})
     if target is DesiredState.INACTIVE:
         return snapshot.owner_of(name) is None and not per
@@ -254,10 +280,11 @@ def reached(snapshot: Snapshot, name: str, target: DesiredState) -> bool:
         return False
     if output.is_global(record):
         return all(
-            _state_ok(per.get(m), record, target) for m in machines_running_global(snapshot, name)
+            _state_ok(per.get(m), record, target, failed_since)
+            for m in machines_running_global(snapshot, name)
         )
     owner = snapshot.owner_of(name)
-    return owner is not None and _state_ok(per.get(owner), record, target)
+    return owner is not None and _state_ok(per.get(owner), record, target, failed_since)
 
 
 def _label(snapshot: Snapshot, machine_id: str) -> str:
@@ -329,6 +356,9 @@ def reached_message(snapshot: Snapshot, name: str, target: DesiredState, verb: s
         return f"Unit {name} inactive"
     owner = snapshot.owner_of(name)
     where = output.machine_legend(snapshot, owner) if owner else "-"
+    state = snapshot.states.get(name, {}).get(owner or "")
+    if target is DesiredState.LAUNCHED and state is not None and state.active == "failed":
+        return f"Unit {name} {target.value} on {where}, but failed: see fleetctl status {name}"
     return f"Unit {name} {target.value} on {where}"
 
 
@@ -357,13 +387,14 @@ def wait_for(
     it is not there. On a terminal, a progress line shows while several units are pending."""
     pending = list(names)
     polls = 0
+    failed_since = time.time() - FAILED_SLACK
     progress = output.Progress.on_stdout() if len(names) > 1 else output.Progress(None)
     try:
         while True:
             snapshot = reg.snapshot()
             polls += 1
             for name in list(pending):
-                if reached(snapshot, name, target):
+                if reached(snapshot, name, target, failed_since):
                     if announce:
                         progress.clear()
                         output.echo(reached_message(snapshot, name, target, verb))

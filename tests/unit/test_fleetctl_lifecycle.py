@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from fleetctl.commands import lifecycle
-from fleetctl.commands.lifecycle import LocalUnit, plan_units, reached, read_local, why_not
+from fleetctl.commands.lifecycle import (
+    LocalUnit,
+    plan_units,
+    reached,
+    reached_message,
+    read_local,
+    why_not,
+)
 from fleetd.errors import (
     InvalidUnitFile,
     InvalidUnitName,
@@ -231,6 +238,22 @@ def test_reached_and_why_not(
     assert reached(snapshot, "u.service", target) is ok
     if not ok:
         assert reason in why_not(snapshot, "u.service", target)
+
+
+def test_a_unit_that_failed_after_the_command_began_counts_as_launched() -> None:
+    """`start` of a unit that fails at once returns (saying so) instead of waiting forever; a
+    failure published before the command began is an earlier run's and is waited past."""
+    s = running(snap({"u.service": V1}, {"u.service": L}), "u.service", A, state(A, "failed"))
+    published_at = s.states["u.service"][A].since
+    assert not reached(s, "u.service", L)
+    assert not reached(s, "u.service", L, failed_since=published_at + 0.5)
+    assert reached(s, "u.service", L, failed_since=published_at - 0.5)
+    assert reached_message(s, "u.service", L, "start").endswith(
+        "but failed: see fleetctl status u.service"
+    )
+    # Failed with other content is not this command's outcome either.
+    s.states["u.service"][A] = state(A, "failed", V2)
+    assert not reached(s, "u.service", L, failed_since=0.0)
 
 
 def test_global_unit_reaches_launched_only_on_every_eligible_machine() -> None:

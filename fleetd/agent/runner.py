@@ -88,6 +88,7 @@ class Agent:
         self._fence_wake = threading.Event()
         self._stopping = threading.Event()
         self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._mode = ExitMode.DRAIN
         self._progress_at = clock()
         self._ready = False
@@ -186,7 +187,23 @@ class Agent:
         return self.reconciler.round()
 
     def _spawn(self, name: str, loop: Callable[[], None]) -> None:
-        threading.Thread(target=loop, name=f"{name}-{self.me[:8]}", daemon=True).start()
+        thread = threading.Thread(target=loop, name=f"{name}-{self.me[:8]}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _join_loops(self) -> None:
+        """Wait for the lease and fence loops to leave their current step: closing the registry
+        under a call still in flight crashes the gRPC runtime, not just the call. A step ends
+        within one request timeout (etcd) or one systemd timeout (D-Bus)."""
+        self._done.set()
+        self._fence_wake.set()
+        bound = self.config.request_timeout + self.config.systemd_timeout + 1.0
+        for thread in self._threads:
+            if thread is threading.current_thread():
+                continue
+            thread.join(bound)
+            if thread.is_alive():
+                log.warning("%s loop still busy after %.0fs; closing anyway", thread.name, bound)
 
     def _guarded_step(self, what: str, step: Callable[[], float]) -> float:
         """One step of a loop; an unexpected error is logged and the loop goes on."""
@@ -326,7 +343,7 @@ class Agent:
             else:
                 log.info("vanishing without leaving the cluster")
         finally:
-            self._done.set()
+            self._join_loops()
             if self._owns_registry:
                 self.registry.close()
         log.info("stopped")

@@ -47,11 +47,12 @@ def no_process_left(fleet: Cluster) -> Iterator[None]:
     history = fleet.history()
 
     def units_on(cgroups: list[Path]) -> list[str]:
-        # The manager's bus and the agent's own guard are no units of the registry.
+        # The manager's bus, the agent's own guard and the machine's journald are no units of
+        # the registry.
         return sorted(
             u
             for u in history.running_now(cgroups)
-            if u != "dbus.service" and not u.startswith("fleet-guard-")
+            if u != "dbus.service" and not u.startswith(("fleet-guard-", "fleet-local-"))
         )
 
     def left() -> dict[str, list[str]]:

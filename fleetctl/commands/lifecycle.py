@@ -80,14 +80,20 @@ def _read_unit_file(path: Path) -> str | None:
         raise InvalidUnitFile(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def read_local(arg: str, activating: bool) -> LocalUnit:
-    """Name the unit an argument stands for and read its file (or its template's) if present."""
-    name = parse_unit_name(default_unit_name(arg))
-    if activating and name.is_template:
+def refuse_template(name: UnitName) -> None:
+    """A template names no unit that could run: only its instances can be activated."""
+    if name.is_template:
         raise TemplateNotStartable(
             f"cannot activate template {name.name}: start an instance such as "
             f"{name.prefix}@1.{name.suffix}"
         )
+
+
+def read_local(arg: str, activating: bool) -> LocalUnit:
+    """Name the unit an argument stands for and read its file (or its template's) if present."""
+    name = parse_unit_name(default_unit_name(arg))
+    if activating:
+        refuse_template(name)
     folder = Path(os.path.dirname(arg))
     path = folder / name.name
     text = _read_unit_file(path)
@@ -558,12 +564,7 @@ def restart(
 ) -> None:
     """Stop units, wait until they are stopped, then start them again."""
     for arg in units:
-        name = parse_unit_name(default_unit_name(arg))
-        if name.is_template:
-            raise TemplateNotStartable(
-                f"cannot activate template {name.name}: start an instance such as "
-                f"{name.prefix}@1.{name.suffix}"
-            )
+        refuse_template(parse_unit_name(default_unit_name(arg)))
     names, _, reg = _set_existing(ctx, units, DesiredState.LOADED, _must_be_loaded("restart"))
     # The start must not overtake the stop, or the owner would see no change at all.
     wait_for(reg, names, DesiredState.LOADED, block_attempts, "stop")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.mirror import Mirror
 from fleetd.config import Config
+from fleetd.errors import RegistryUnavailable, SystemdError
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.placement import Placement
 from fleetd.registry import EtcdRegistry
@@ -58,11 +59,15 @@ class HeldMirror(Mirror):
     def release(self) -> None:
         self._holding, self._held = False, None
 
-    def plan(self, window: Callable[[Snapshot], int]) -> tuple[Snapshot, Mapping[str, Placement]]:
+    def plan(
+        self,
+        window: Callable[[Snapshot], int],
+        planned: Callable[[float], None] | None = None,
+    ) -> tuple[Snapshot, Mapping[str, Placement]]:
         with self._hold_lock:
             if self._holding and self._held is not None:
                 return self._held
-            result = super().plan(window)
+            result = super().plan(window, planned)
             if self._holding:
                 self._held = result
             return result
@@ -171,8 +176,12 @@ class HollowHost:
         agent = hollow.agent
         try:
             stopping = agent.step()
-        except Exception as exc:
+        except (RegistryUnavailable, SystemdError) as exc:
             log.warning("hollow %s: round failed: %s", hollow.name, exc)
+            stopping = True
+        except Exception:
+            # A bug, not a fault: loud even when the benchmark quiets the agents' logs.
+            log.exception("hollow %s: round failed", hollow.name)
             stopping = True
         due = now + (0.25 if stopping else 1.0)
         wake = agent.reconciler.next_wake

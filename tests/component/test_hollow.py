@@ -28,7 +28,9 @@ def host(etcd, etcd_prefix) -> Iterator[HollowHost]:  # type: ignore[no-untyped-
     h.stop()
 
 
-def wait(host: HollowHost, predicate: Callable[[Snapshot], bool], timeout: float = 30.0) -> Snapshot:
+def wait(
+    host: HollowHost, predicate: Callable[[Snapshot], bool], timeout: float = 30.0
+) -> Snapshot:
     deadline = time.monotonic() + timeout
     while True:
         snap = host.mirror.copy()

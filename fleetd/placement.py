@@ -740,8 +740,10 @@ def glob_literal_prefix(pattern: str) -> str:
     return pattern
 
 
-def claim_guards(snapshot: Snapshot, unit: str) -> Guards:
-    """What a claim of `unit` must compare so that racing agents never break a hard rule."""
+def claim_guards(snapshot: Snapshot, unit: str, view: View | None = None) -> Guards:
+    """What a claim of `unit` must compare so that racing agents never break a hard rule.
+    With the snapshot's `view`, only the units that declare patterns are looked at for the ones
+    that name `unit` (a claim then costs those, not every unit of the registry)."""
     record = snapshot.units.get(unit)
     req = record.requirements if record else None
     exact: dict[str, int] = {}
@@ -767,11 +769,15 @@ def claim_guards(snapshot: Snapshot, unit: str) -> Guards:
         prefixes.add(name.prefix + "@")
     # The other direction: units whose own patterns name this one. They are all known, since a
     # claim also requires that no unit content changed after the snapshot.
-    for other, other_record in snapshot.units.items():
-        if other == unit:
-            continue
-        theirs = other_record.requirements
-        if theirs is None:
+    if view is not None:
+        declaring = sorted(
+            view.conflictors | view.zone_conflictors | view.region_conflictors | view.replacers
+        )
+        candidates = [(n, view.requirements.get(n)) for n in declaring]
+    else:
+        candidates = [(n, r.requirements) for n, r in snapshot.units.items()]
+    for other, theirs in candidates:
+        if other == unit or theirs is None:
             continue
         if any_glob_match(
             theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,

@@ -44,6 +44,8 @@ class Mirror:
         self._resync.set()
         self._sync_lock = threading.Lock()
         self._epoch = 0  # counts full reads: a plan or copy of an older one is stale
+        self._reads_begun = 0
+        self._read_done = 0  # the number of the last read that succeeded
         self._copy: tuple[tuple[int, int], Snapshot] | None = None
         self._view: tuple[Snapshot, View] | None = None
         self._plan_lock = threading.Lock()
@@ -125,9 +127,21 @@ class Mirror:
             self._plan = (key, snap, plan)
             return snap, plan
 
-    def sync(self) -> None:
-        """Read everything once and watch from there."""
+    def reads(self) -> int:
+        """A token for `sync(newer_than=...)`: how many full reads have begun so far."""
+        with self._lock:
+            return self._reads_begun
+
+    def sync(self, newer_than: int | None = None) -> None:
+        """Read everything once and watch from there. With `newer_than` (a `reads()` token),
+        a read that began after the token was taken and succeeded serves: agents of one process
+        that join at once share one read instead of one each."""
         with self._sync_lock:
+            if newer_than is not None and self._read_done > newer_than:
+                return
+            with self._lock:
+                self._reads_begun += 1
+                number = self._reads_begun
             self._cancel_watch()
             self._resync.clear()
             try:
@@ -137,6 +151,7 @@ class Mirror:
                     self._synced_at = snap.revision
                     self._epoch += 1
                 self._cancel = self.registry.watch(snap.revision + 1, self._on_watch)
+                self._read_done = number
             except BaseException:
                 # Not current: the next round reads everything again.
                 self._resync.set()

@@ -98,6 +98,7 @@ class Reconciler:
         self._first_seen = dict(claim_plan.first_seen)
         self.next_wake = claim_plan.next_wake
         claimed = False
+        index = self.mirror.view(snap) if claim_plan.claims else None
         for task in claim_plan.claims:
             desired = snap.desired.get(task.unit)
             try:
@@ -107,7 +108,7 @@ class Reconciler:
                     view.lease_id,
                     snap.revision,
                     desired.revision if desired else 0,
-                    claim_guards(snap, task.unit),
+                    claim_guards(snap, task.unit, index),
                 )
             except RegistryUnavailable as exc:
                 # etcd is out of reach: the other claims would wait as long for nothing, but

@@ -93,6 +93,8 @@ class Agent:
         self._progress_at = clock()
         self._ready = False
         self._lease_seen: int | None = None
+        # Reads begun before this join (lease) began do not count as reading afresh.
+        self._join_token: int | None = None
 
         self.keeper = LeaseKeeper(
             registry, config.agent_ttl, self.margin, clock, self.machine, lease_file,
@@ -182,8 +184,9 @@ class Agent:
             return False
         if view.lease_id != self._lease_seen:
             self._joined(view)
+        token = self.mirror.reads()
         if self.mirror.needs_sync:
-            self.mirror.sync()
+            self.mirror.sync(newer_than=token)
         return self.reconciler.round()
 
     def _spawn(self, name: str, loop: Callable[[], None]) -> None:
@@ -268,7 +271,9 @@ class Agent:
         """A new lease (first join, or again after losing one): read everything afresh. Runs
         again on the next round if any step of it fails."""
         self.publisher.forget()
-        self.mirror.sync()
+        if self._join_token is None:
+            self._join_token = self.mirror.reads()
+        self.mirror.sync(newer_than=self._join_token)
         if self.guard_argv is not None:
             try:
                 self.manager.start_guard(guard_unit_name(self.me), self.guard_argv)
@@ -279,6 +284,7 @@ class Agent:
             self.notifier.send("READY=1")
             self._ready = True
         self._lease_seen = view.lease_id
+        self._join_token = None
 
     def _lease_changed(self) -> None:
         self._wake.set()

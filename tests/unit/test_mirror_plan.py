@@ -5,14 +5,16 @@ share its watch until the last of them closes it."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetd.agent.mirror import Mirror
+from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
 from fleetd.model import DesiredState, Machine
 from fleetd.placement import claim_guards, plan_placements
-from fleetd.snapshot import UnitRecord
+from fleetd.snapshot import Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
 NAMES = [f"web@{i}.service" for i in range(1, 7)] + ["db.service", "cache.service"]
@@ -114,3 +116,42 @@ def test_agents_sharing_a_mirror_keep_its_watch_until_the_last_closes_it() -> No
     mirror.close()
     registry.register_machine(Machine("m3"), lease)
     assert "m3" not in mirror.copy().machines
+
+
+class CountingRegistry(FakeRegistry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def snapshot(self) -> Snapshot:
+        self.reads += 1
+        return super().snapshot()
+
+
+def test_agents_joining_together_share_one_read_but_never_an_older_one() -> None:
+    registry = CountingRegistry()
+    mirror = Mirror(registry, lambda: None)
+    mirror.share(lambda: None)
+    # Two agents take their tokens when they join; the first read serves both.
+    first, second = mirror.reads(), mirror.reads()
+    mirror.sync(newer_than=first)
+    mirror.sync(newer_than=second)
+    assert registry.reads == 1
+    # An agent joining later (a new lease) must see a read that began after it joined.
+    later = mirror.reads()
+    lease = registry.grant_lease(10)
+    registry.register_machine(Machine("m1"), lease)
+    mirror.sync(newer_than=later)
+    assert registry.reads == 2
+    assert "m1" in mirror.copy().machines
+    # A read that failed serves nobody: the next call reads again.
+    token = mirror.reads()
+    registry.unavailable = True
+    with pytest.raises(RegistryUnavailable):
+        mirror.sync(newer_than=token)
+    registry.unavailable = False
+    mirror.sync(newer_than=token)
+    assert registry.reads == 4
+    # Without a token, sync always reads.
+    mirror.sync()
+    assert registry.reads == 5

@@ -928,6 +928,8 @@ def test_claim_guards_exact_revisions_of_peers_and_of_units_that_name_this_one()
         "replacer.service": 0,
     }
     assert guards.prefixes == frozenset()
+    # The agent passes the snapshot's View, whose rule indexes find the same units.
+    assert claim_guards(snap, "f.service", View(snap)) == guards
 
 
 def test_claim_guards_of_an_unlimited_plain_unit_are_empty() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetd.clock import Clock
@@ -255,12 +255,20 @@ class FakeRegistry:
 
         return self._write([(owner, None, 0)], holds)
 
-    def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None:
-        key = self.layout.state(unit, state.machine_id)
-        self._write([(key, encode_state(state).encode(), lease_id)])
-
-    def delete_state(self, unit: str, machine_id: str) -> None:
-        self._write([(self.layout.state(unit, machine_id), None, 0)])
+    def publish_states(
+        self,
+        machine_id: str,
+        lease_id: int,
+        states: Mapping[str, PublishedState],
+        withdrawn: Iterable[str] = (),
+    ) -> None:
+        ops: list[_Op] = [
+            (self.layout.state(unit, machine_id), encode_state(state).encode(), lease_id)
+            for unit, state in sorted(states.items())
+        ]
+        ops += [(self.layout.state(unit, machine_id), None, 0) for unit in sorted(withdrawn)]
+        if ops:
+            self._write(ops)
 
     # ------------------------------------------------------------------------ fleetctl writes
 

@@ -9,7 +9,7 @@ cannot drift (tests/contract/).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -95,9 +95,17 @@ class Registry(Protocol):
         """Give up ownership, only if `machine_id` holds it."""
         ...
 
-    def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None: ...
-
-    def delete_state(self, unit: str, machine_id: str) -> None: ...
+    def publish_states(
+        self,
+        machine_id: str,
+        lease_id: int,
+        states: Mapping[str, PublishedState],
+        withdrawn: Iterable[str] = (),
+    ) -> None:
+        """Write `states` (unit -> state) under the lease and delete the published states of
+        the `withdrawn` units, for `machine_id`; as few transactions as the limit on operations
+        per transaction allows, so one round of the publisher costs one or a few writes."""
+        ...
 
     # fleetctl's writes
     def write_units(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -564,9 +564,21 @@ class EtcdRegistry:
         owner = self.layout.owner(unit)
         return self._txn([tx.value(owner) == encode_owner(machine_id)], [tx.delete(owner)])
 
-    def publish_state(self, unit: str, state: PublishedState, lease_id: int) -> None:
-        key = self.layout.state(unit, state.machine_id)
-        self._retrying(lambda: self._client.put(key, encode_state(state), lease=lease_id))
-
-    def delete_state(self, unit: str, machine_id: str) -> None:
-        self._retrying(lambda: self._client.delete(self.layout.state(unit, machine_id)))
+    def publish_states(
+        self,
+        machine_id: str,
+        lease_id: int,
+        states: Mapping[str, PublishedState],
+        withdrawn: Iterable[str] = (),
+    ) -> None:
+        tx = self._client.transactions
+        ops: list[Any] = [
+            tx.put(self.layout.state(unit, machine_id), encode_state(state), lease=lease_id)
+            for unit, state in sorted(states.items())
+        ]
+        ops += [tx.delete(self.layout.state(unit, machine_id)) for unit in sorted(withdrawn)]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            # Puts and deletes are idempotent: a part sent again after a dying endpoint
+            # committed it writes the same values.
+            part = ops[start : start + MAX_TXN_OPS]
+            self._retrying(lambda part=part: self._client.transaction([], part, []))

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from fleetd.incremental import IncrementalPlanner
+from fleetd.metrics import count_by
 from fleetd.placement import Placement, View
 from fleetd.ports import Registry, WatchEvent
 from fleetd.snapshot import Snapshot
@@ -48,6 +49,7 @@ class Mirror:
         self._read_done = 0  # the number of the last read that succeeded
         self._copy: tuple[tuple[int, int], Snapshot] | None = None
         self._view: tuple[Snapshot, View] | None = None
+        self._counts: tuple[Snapshot, Mapping[str, int]] | None = None
         self._plan_lock = threading.Lock()
         self._planner: tuple[int, IncrementalPlanner] | None = None
         self._plan: tuple[tuple[int, int, int], Snapshot, Mapping[str, Placement]] | None = None
@@ -91,6 +93,17 @@ class Mirror:
         with self._lock:
             self._view = (snap, view)
         return view
+
+    def desired_counts(self, snap: Snapshot) -> Mapping[str, int]:
+        """The registry's units by desired state (for the metrics), counted once per copy:
+        every agent of a shared mirror reports it on every round."""
+        with self._lock:
+            if self._counts is not None and self._counts[0] is snap:
+                return self._counts[1]
+        counts = count_by(snap.desired_state(n).value for n in snap.units)
+        with self._lock:
+            self._counts = (snap, counts)
+        return counts
 
     def plan(
         self,

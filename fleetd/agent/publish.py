@@ -40,6 +40,7 @@ class Publisher:
         if view.lease_id is None or not view.registered:
             return
         now = self.wall()
+        changed: dict[str, PublishedState] = {}
         for name, digest in sorted(loaded.items()):
             state = states.get(name)
             if state is None:
@@ -53,14 +54,18 @@ class Publisher:
                 self.me, state.load, state.active, state.sub, digest, since, reason, state.container
             )
             if self._published.get(name) != current:
-                self.registry.publish_state(name, current, view.lease_id)
-                self._published[name] = current
+                changed[name] = current
         stale = set(self._published)
         scanning = not self._scanned
         if scanning:
             stale |= {n for n, per in snap.states.items() if self.me in per}
-        for name in sorted(stale - set(loaded)):
-            self.registry.delete_state(name, self.me)
+        withdrawn = stale - set(loaded)
+        if not changed and not withdrawn:
+            return
+        # One write for the round; only once it succeeded does it count as published.
+        self.registry.publish_states(self.me, view.lease_id, changed, withdrawn)
+        self._published.update(changed)
+        for name in withdrawn:
             self._published.pop(name, None)
             self._since.pop(name, None)
         if scanning:

@@ -155,6 +155,6 @@ class Reconciler:
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
         self.metrics.units(
             count_by(s.active for s in states.values()),
-            count_by(snap.desired_state(n).value for n in snap.units),
+            self.mirror.desired_counts(snap),
         )
         return stopping

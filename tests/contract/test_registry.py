@@ -159,7 +159,7 @@ def test_an_expired_lease_takes_its_keys_and_refuses_writes(backend: Backend) ->
     reg.claim("u.service", "m1", lease, snap.revision, snap.desired["u.service"].revision,
               NO_GUARDS)
     state = PublishedState("m1", "loaded", "active", "running", "h", 1.0, "why")
-    reg.publish_state("u.service", state, lease)
+    reg.publish_states("m1", lease, {"u.service": state})
     assert reg.snapshot().states["u.service"]["m1"] == state
     deadline = time.monotonic() + 15
     backend.expire(3.5)
@@ -171,7 +171,7 @@ def test_an_expired_lease_takes_its_keys_and_refuses_writes(backend: Backend) ->
     assert "u.service" not in after.states
     assert reg.keepalive(lease) == 0
     with pytest.raises(RegistryUnavailable):
-        reg.publish_state("u.service", state, lease)
+        reg.publish_states("m1", lease, {"u.service": state})
     with pytest.raises(RegistryUnavailable):
         reg.register_machine(Machine("m1"), lease)
     assert "m1" not in reg.snapshot().machines
@@ -262,3 +262,33 @@ def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> N
     snap = reg.snapshot()
     assert set(snap.refused) == {reg.layout.unit(".x.service"), reg.layout.desired("a.service")}
     assert snap.units == {} and snap.desired == {}
+
+
+def test_published_states_are_written_and_withdrawn_in_bulk(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    # More states than one transaction may hold: they are split, and every one arrives.
+    many = {
+        f"u{i}.service": PublishedState("m1", "loaded", "active", "running", "h", 1.0)
+        for i in range(300)
+    }
+    reg.publish_states("m1", lease, many)
+    states = reg.snapshot().states
+    assert {n for n, per in states.items() if "m1" in per} == set(many)
+    assert states["u7.service"]["m1"] == many["u7.service"]
+    # One call both updates and withdraws; other machines' states are untouched.
+    other = backend.join("m2")
+    theirs = PublishedState("m2", "loaded", "inactive", "dead", "h", 2.0)
+    reg.publish_states("m2", other, {"u1.service": theirs})
+    failed = PublishedState("m1", "loaded", "failed", "failed", "h", 3.0)
+    reg.publish_states(
+        "m1", lease, {"u0.service": failed}, withdrawn=[f"u{i}.service" for i in range(1, 300)]
+    )
+    after = reg.snapshot().states
+    assert {n for n, per in after.items() if "m1" in per} == {"u0.service"}
+    assert after["u0.service"]["m1"] == failed
+    assert after["u1.service"] == {"m2": theirs}
+    # Nothing to write is no write at all.
+    revision = reg.snapshot().revision
+    reg.publish_states("m1", lease, {})
+    assert reg.snapshot().revision == revision

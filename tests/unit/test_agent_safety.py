@@ -521,9 +521,8 @@ def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
     assert lease is not None
     cluster.registry.revoke(lease)
     with pytest.raises(RegistryUnavailable):
-        cluster.registry.publish_state(
-            "u.service", PublishedState(a.me, "loaded", "active", "running", "h", 0.0), lease
-        )
+        state = PublishedState(a.me, "loaded", "active", "running", "h", 0.0)
+        cluster.registry.publish_states(a.me, lease, {"u.service": state})
     with pytest.raises(RegistryUnavailable):
         cluster.registry.update_machine(Machine(a.me), lease)
     assert cluster.registry.snapshot().machines == {}

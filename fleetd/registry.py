@@ -581,4 +581,8 @@ class EtcdRegistry:
             # Puts and deletes are idempotent: a part sent again after a dying endpoint
             # committed it writes the same values.
             part = ops[start : start + MAX_TXN_OPS]
-            self._retrying(lambda part=part: self._client.transaction([], part, []))
+
+            def write(part: list[Any] = part) -> Any:
+                return self._client.transaction([], part, [])
+
+            self._retrying(write)

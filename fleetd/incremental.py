@@ -36,12 +36,14 @@ from fleetd.placement import (
     Verdict,
     View,
     _peers,
+    cut,
     feasible,
     follower_order,
     is_pending,
     score,
     unit_blocked,
 )
+from fleetd.ranking import Rankings, is_plain
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import Requirements, Spread, template_group
 
@@ -92,6 +94,7 @@ class IncrementalPlanner:
     def reset(self, snapshot: Snapshot) -> None:
         """Forget everything and start from `snapshot` (the next plan is a full pass)."""
         self.view = View(snapshot)
+        self.rankings = Rankings(self.view)
         self._machine_levels = {
             m: _Level(machine.zone, machine.region) for m, machine in self.view.machines.items()
         }
@@ -141,6 +144,7 @@ class IncrementalPlanner:
             view._compute_globals()
             if view.globals_on != globals_before:
                 self._cache.clear()
+                self.rankings.clear()
 
     def _anonymous(self, name: str) -> bool:
         """No rule can tell this unit from another of its template group: nobody declares
@@ -225,8 +229,9 @@ class IncrementalPlanner:
             return follower_order(list(self._pending), self.view.requirements)
         return self._pending
 
-    def plan(self, limit: int | None = None) -> dict[str, Placement]:
-        """The same plan as `plan_placements(snapshot, limit=limit)` for the latest snapshot."""
+    def plan(self, limit: int | None = None, depth: int | None = None) -> dict[str, Placement]:
+        """The same plan as `plan_placements(snapshot, limit=limit, depth=depth)` for the latest
+        snapshot."""
         view = self.view
         last = self._last
         diff = _Diff(view, self._touched, self._anonymous)
@@ -252,7 +257,7 @@ class IncrementalPlanner:
                         cursor += 1
                 else:
                     entry = None  # what it saw last time cannot be lined up with now
-                placement, entry = self._evaluate(unit, entry, diff)
+                placement, entry = self._evaluate(unit, entry, diff, depth)
                 if entry is not None:
                     cache[unit] = entry
                 if j is not None and j >= cursor:
@@ -267,7 +272,7 @@ class IncrementalPlanner:
                     current.decision[unit] = top
                     placeable += 1
                 diff.refresh(unit)
-                plan[unit] = placement
+                plan[unit] = cut(placement, depth)
         finally:
             for unit in current.decision:
                 view.remove(unit)
@@ -278,13 +283,16 @@ class IncrementalPlanner:
         return plan
 
     def _evaluate(
-        self, unit: str, entry: _Entry | None, diff: _Diff
+        self, unit: str, entry: _Entry | None, diff: _Diff, depth: int | None = None
     ) -> tuple[Placement, _Entry | None]:
         view = self.view
         blocked = unit_blocked(view.snapshot, view, unit)
         if blocked:
             return Placement(unit, blocked=blocked), None
         req = view.requirements[unit]
+        if is_plain(view, unit, req):
+            # Read from the count buckets, which follow the view: nothing to replay or cache.
+            return self.rankings.placement(unit, req, depth), None
         if entry is None:
             return self._full(unit, req)
         dirty = self._dirty(unit, req, diff)

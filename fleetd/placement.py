@@ -17,6 +17,7 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class View:
         # machine -> placed units there that declare Conflicts.
         self.conflictors_on: dict[str, set[str]] = {}
         self._sorted: dict[tuple[str, str], list[str]] = {}
+        # Told the machine whose placed units changed (fleetd.ranking keeps buckets by it).
+        self.listeners: list[Callable[[str], None]] = []
         self.index_rules()
         # The registry's owner keys by machine (sorted names), whatever the unit or machine:
         # an agent looks at its own units without scanning everyone's.
@@ -156,6 +159,8 @@ class View:
                 self.group_at.setdefault((level, key, group), set()).add(unit)
         if unit in self.conflictors:
             self.conflictors_on.setdefault(machine_id, set()).add(unit)
+        for listener in self.listeners:
+            listener(machine_id)
 
     def place(self, unit: str, machine_id: str, revision: int = PLANNED) -> None:
         """Overlay a decision of this pass (or put a unit back where it was, with its revision)."""
@@ -175,6 +180,8 @@ class View:
             if group is not None:
                 self.group_at.get((level, key, group), set()).discard(unit)
         self.conflictors_on.get(machine_id, set()).discard(unit)
+        for listener in self.listeners:
+            listener(machine_id)
 
     # -- global units
 
@@ -558,11 +565,21 @@ def score_spread(unit: str, req: Requirements, machine: Machine, view: View) -> 
     return (view.group_count(unit, group, "region", machine.region), in_zone, on_machine, load)
 
 
+RING = 1 << 64
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def ring_position(name: str) -> int:
+    """Where a unit or machine sits on the tiebreak ring (a hash: the same on every agent)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+
+
 def score_tiebreak(unit: str, req: Requirements, machine: Machine, view: View) -> Score:
-    """Equal machines are ordered by a hash of (unit, machine): stable on every agent, yet
-    different per unit, so equal units do not all prefer the same machine."""
-    digest = hashlib.blake2b(f"{unit}\0{machine.id}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big"),)
+    """Equal machines are ordered by their distance on a hash ring, clockwise from the unit:
+    stable on every agent, yet different per unit, so equal units do not all prefer the same
+    machine; and the machines of a bucket of equals, kept sorted by ring position, give any
+    unit its order by one search (`fleetd.ranking`)."""
+    return ((ring_position(machine.id) - ring_position(unit)) % RING,)
 
 
 SCORERS: tuple[Scorer, ...] = (score_move, score_replaces, score_spread, score_tiebreak)
@@ -667,14 +684,18 @@ def follower_order(pending: list[str], requirements: Mapping[str, Requirements])
 
 
 def plan_placements(
-    snapshot: Snapshot, view: View | None = None, limit: int | None = None
+    snapshot: Snapshot,
+    view: View | None = None,
+    limit: int | None = None,
+    depth: int | None = None,
 ) -> dict[str, Placement]:
     """The ranked plan for unowned units, each decision overlaid before the next.
 
     With `limit`, planning stops after that many placeable units: a pass then costs
     O(limit x machines) however many units wait, and since every agent cuts the same prefix of
     the same order, agents still agree on who bids first. The rest follow in later passes, as
-    the claims of this one land.
+    the claims of this one land. With `depth`, each unit's ranking is cut to its best `depth`
+    machines (only those ever bid: fleetd.planner.BID_DEPTH).
     """
     view = view or View(snapshot)
     plan: dict[str, Placement] = {}
@@ -686,8 +707,15 @@ def plan_placements(
         if placement.ranked:
             view.place(unit, placement.ranked[0])
             placeable += 1
-        plan[unit] = placement
+        plan[unit] = cut(placement, depth)
     return plan
+
+
+def cut(placement: Placement, depth: int | None) -> Placement:
+    """`placement` with its ranking cut to the best `depth` machines (None: as it is)."""
+    if depth is None or len(placement.ranked) <= depth:
+        return placement
+    return Placement(placement.unit, placement.ranked[:depth], placement.refusals)
 
 
 def recheck(snapshot: Snapshot, unit: str, machine_id: str, view: View | None = None) -> Verdict:

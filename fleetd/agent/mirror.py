@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from fleetd.incremental import IncrementalPlanner
 from fleetd.metrics import count_by
 from fleetd.placement import Placement, View
+from fleetd.planner import BID_DEPTH
 from fleetd.ports import Registry, WatchEvent
 from fleetd.snapshot import Snapshot
 
@@ -110,8 +111,9 @@ class Mirror:
         window: Callable[[Snapshot], int],
         planned: Callable[[float], None] | None = None,
     ) -> tuple[Snapshot, Mapping[str, Placement]]:
-        """The current copy and its placement plan (as `plan_placements(copy, limit=...)` would
-        compute it, `window` giving the limit), planned incrementally once per revision.
+        """The current copy and its placement plan (as `plan_placements(copy, limit=...,
+        depth=BID_DEPTH)` would compute it, `window` giving the limit: only the best BID_DEPTH
+        machines of a unit ever bid), planned incrementally once per revision.
         `planned` hears the seconds a pass took, only when this call planned (not when it found
         the revision planned already)."""
         with self._plan_lock:
@@ -131,7 +133,7 @@ class Mirror:
             else:
                 planner.update(snap, changes)
             evaluated = planner.evaluations
-            plan = planner.plan(limit)
+            plan = planner.plan(limit, BID_DEPTH)
             took = time.perf_counter() - started
             self.plan_times.append(took)
             if planned is not None:

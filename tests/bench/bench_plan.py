@@ -29,6 +29,7 @@ from fleetd.incremental import IncrementalPlanner  # noqa: E402
 from fleetd.keys import Kind  # noqa: E402
 from fleetd.model import DesiredState, Machine, Owner  # noqa: E402
 from fleetd.placement import plan_placements  # noqa: E402
+from fleetd.planner import BID_DEPTH  # noqa: E402
 from fleetd.snapshot import Desired, Snapshot, UnitRecord  # noqa: E402
 from fleetd.unitfile import content_hash  # noqa: E402
 from tests.support.agents import unit_text  # noqa: E402
@@ -65,7 +66,7 @@ def incremental(units: int, machines: int, zones: int, events: int) -> None:
     limit = plan_window(snap)
     start = time.process_time()
     planner = IncrementalPlanner(snap.copy())
-    plan = planner.plan(limit)
+    plan = planner.plan(limit, BID_DEPTH)
     first = time.process_time() - start
     rng = random.Random(1)
     times: list[float] = []
@@ -83,7 +84,7 @@ def incremental(units: int, machines: int, zones: int, events: int) -> None:
         before = planner.evaluations
         start = time.process_time()
         planner.update(snap.copy(), changes)
-        plan = planner.plan(limit)
+        plan = planner.plan(limit, BID_DEPTH)
         times.append(time.process_time() - start)
         evaluated.append(planner.evaluations - before)
     times.sort()

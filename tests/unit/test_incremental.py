@@ -200,12 +200,14 @@ class World:
     ),
     script=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=40),
     limit=st.one_of(st.none(), st.integers(1, 4)),
+    depth=st.one_of(st.none(), st.integers(1, 3)),
 )
 def test_incremental_plan_equals_the_full_pass(
     machines: list[tuple[str, int]],
     units: list[tuple[str, str]],
     script: list[list[tuple[object, ...]]],
     limit: int | None,
+    depth: int | None,
 ) -> None:
     world = World()
     for machine_id, meta in machines:
@@ -214,14 +216,14 @@ def test_incremental_plan_equals_the_full_pass(
         world.apply(("unit", name, rule), {})
     world.drain()
     planner = IncrementalPlanner(world.snap.copy())
-    plan = planner.plan(limit)
-    assert plan == plan_placements(world.snap.copy(), limit=limit)
+    plan = planner.plan(limit, depth)
+    assert plan == plan_placements(world.snap.copy(), limit=limit, depth=depth)
     for batch in script:
         for event in batch:
             world.apply(event, plan)
         planner.update(world.snap.copy(), world.drain())
-        plan = planner.plan(limit)
-        expected = plan_placements(world.snap.copy(), limit=limit)
+        plan = planner.plan(limit, depth)
+        expected = plan_placements(world.snap.copy(), limit=limit, depth=depth)
         assert plan == expected, (batch, plan, expected)
 
 
@@ -232,7 +234,8 @@ def test_a_claim_where_planned_re_evaluates_few_machines() -> None:
     for i in range(8):
         world.apply(("machine", f"m{i}", 0), {})
     for i in range(40):
-        world.apply(("unit", f"web@{i}.service", ""), {})
+        # A limit: not plain, so the replay (not the count buckets) plans them.
+        world.apply(("unit", f"web@{i}.service", "MaxPerMachine=100"), {})
     world.drain()
     planner = IncrementalPlanner(world.snap.copy())
     plan = planner.plan()
@@ -244,3 +247,26 @@ def test_a_claim_where_planned_re_evaluates_few_machines() -> None:
     plan = planner.plan()
     assert plan == plan_placements(world.snap.copy())
     assert planner.evaluations - before == 0
+
+
+def test_plain_units_are_ranked_from_count_buckets_exactly_as_the_full_pass() -> None:
+    """Template instances with no rule that names them cost no verdict per machine: their
+    ranking is read from the class's buckets, and it is the full pass's, cut or not."""
+    world = World()
+    for i in range(5):
+        world.apply(("machine", f"m{i}", i % len(METADATA)), {})
+    for i in range(30):
+        world.apply(("unit", f"web@{i}.service", ""), {})
+        world.apply(("unit", f"api@{i}.service", "Spread=region"), {})
+    world.drain()
+    planner = IncrementalPlanner(world.snap.copy())
+    for depth in (None, 2):
+        assert planner.plan(depth=depth) == plan_placements(world.snap.copy(), depth=depth)
+    assert planner.evaluations == 0
+    plan = planner.plan(depth=2)
+    assert all(len(p.ranked) <= 2 for p in plan.values())
+    # A claim away from the plan (the second choice) moves the counts; still the full pass.
+    second = plan["web@3.service"].ranked[1]
+    world.apply(("claim-any", "web@3.service", second), plan)
+    planner.update(world.snap.copy(), world.drain())
+    assert planner.plan(depth=2) == plan_placements(world.snap.copy(), depth=2)

@@ -24,6 +24,7 @@ from fleetd.runlock import hold_runtime_lock
 
 if TYPE_CHECKING:
     from fleetd.agent import Agent
+    from fleetd.ports import UnitManager
 
 app = typer.Typer(add_completion=False, help="fleetd: the fleet agent for one machine.")
 
@@ -37,15 +38,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def build_agent(config: Config) -> Agent:
+def build_agent(config: Config, manager: UnitManager | None = None) -> Agent:
+    """The agent as `fleetd` runs it; a given `manager` stands in for systemd's D-Bus API (the
+    memory benchmark runs this wiring with the in-memory one)."""
     # Adapters are imported here so that `fleetd --help` and config errors do not need D-Bus.
     from fleetd.agent import Agent
     from fleetd.agent.lease import LeaseFile
     from fleetd.metrics import InstrumentedUnitManager, Metrics, MetricsServer, PrometheusMetrics
-    from fleetd.ports import UnitManager
     from fleetd.registry import EtcdRegistry
     from fleetd.sdnotify import Notifier
-    from fleetd.systemd import DbusUnitManager
 
     registry = EtcdRegistry(
         config.etcd_servers,
@@ -57,9 +58,12 @@ def build_agent(config: Config) -> Agent:
         username=config.etcd_username,
         password=config.etcd_password,
     )
-    manager: UnitManager = DbusUnitManager(
-        Path(config.units_directory), user=config.systemd_user, timeout=config.systemd_timeout
-    )
+    if manager is None:
+        from fleetd.systemd import DbusUnitManager
+
+        manager = DbusUnitManager(
+            Path(config.units_directory), user=config.systemd_user, timeout=config.systemd_timeout
+        )
     metrics = Metrics()
     if config.metrics_address:
         prometheus = PrometheusMetrics(config.machine_id, __version__)

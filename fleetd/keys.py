@@ -39,7 +39,7 @@ class Kind(enum.Enum):
     MOVE = "move"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedKey:
     """A registry key split into what it addresses; `machine_id` is set for STATE keys."""
 

@@ -1,7 +1,9 @@
-"""The value types every layer shares: machines, units, desired and published states.
+"""The value types every layer shares: machines, units, desired and published states, and the
+table that lets equal strings of many records be one object.
 
 Everything here is immutable and free of I/O so that the pure core (placement, planning) can be
-tested with plain values and Hypothesis strategies.
+tested with plain values and Hypothesis strategies. The records have slots: a registry holds tens
+of thousands of them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,24 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+# Values that repeat across thousands of keys (machine ids, systemd's state words, the content
+# hash of instances of one template) are kept once: a registry of 10,000 units would otherwise
+# hold each as a string of its own per key. Bounded: past the bound the table starts afresh,
+# which only costs sharing, never correctness.
+_SHARED_LIMIT = 8192
+_shared: dict[str, str] = {}
+
+
+def shared(text: str) -> str:
+    """An equal string, the same object for every caller while the table holds it."""
+    found = _shared.get(text)
+    if found is not None:
+        return found
+    if len(_shared) >= _SHARED_LIMIT:
+        _shared.clear()
+    _shared[text] = text
+    return text
 
 
 class DesiredState(enum.StrEnum):
@@ -19,7 +39,7 @@ class DesiredState(enum.StrEnum):
     LAUNCHED = "launched"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Machine:
     """A live agent as it announced itself in the registry."""
 
@@ -46,7 +66,7 @@ class Machine:
         return self.metadata.get("region")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Container:
     """The container a running unit keeps (podman's `--cidfile` convention): its full id and the
     image it was created from, as the runtime names it."""
@@ -59,7 +79,7 @@ class Container:
         return self.id[:12]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SystemdState:
     """systemd's own view of a unit: LoadState / ActiveState / SubState, and the container the
     unit runs, when it runs one (read by the unit manager adapter from the container runtime)."""
@@ -70,7 +90,7 @@ class SystemdState:
     container: Container | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PublishedState:
     """What a machine published about a unit it runs."""
 
@@ -84,7 +104,7 @@ class PublishedState:
     container: Container | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     """Who holds a unit. `revision` is the owner key's create revision: a fencing token."""
 

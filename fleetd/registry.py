@@ -58,8 +58,13 @@ __all__ = ["MAX_TXN_OPS", "EtcdRegistry", "WatchEvent", "parse_endpoints"]
 # etcd refuses transactions with more operations than --max-txn-ops (128 by default).
 MAX_TXN_OPS = 120
 
-# gRPC refuses answers over 4 MB by default, and the whole registry comes in one answer (a
-# snapshot, fleetctl's listings): 10,000 units with their owners and states are about 6 MB.
+# The whole registry is read in pages of this many keys, all at one revision: one answer for
+# 10,000 units (about 6 MB of protobuf) would be held whole beside the picture built from it and
+# leave the agent's heap that much larger for good.
+SNAPSHOT_PAGE = 2000
+
+# gRPC refuses answers over 4 MB by default, and a page of the registry may hold several units
+# of up to 1.5 MB each.
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 1 << 30)]
 
 
@@ -305,17 +310,28 @@ class EtcdRegistry:
     # ---------------------------------------------------------------------------------- reads
 
     def snapshot(self) -> Snapshot:
-        """The whole registry in one range read, current to the response's revision."""
+        """The whole registry, read in pages at one revision, current to that revision."""
         prefix = self.layout.prefix
 
         def read() -> Snapshot:
-            response = self._client.get_prefix_response(prefix)
             snap = Snapshot()
-            for kv in response.kvs:
-                snap.apply(
-                    self.layout, kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision
+            start, end = prefix.encode(), range_end(prefix)
+            revision: int | None = None
+            while True:
+                # Every page at the first page's revision: one consistent picture.
+                response = self._client.get_range_response(
+                    start, end, limit=SNAPSHOT_PAGE, revision=revision
                 )
-            snap.revision = response.header.revision
+                if revision is None:
+                    revision = int(response.header.revision)
+                for kv in response.kvs:
+                    snap.apply(
+                        self.layout, kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision
+                    )
+                if not response.more or not response.kvs:
+                    break
+                start = bytes(response.kvs[-1].key) + b"\0"
+            snap.revision = revision
             return snap
 
         result: Snapshot = self._retrying(read, doing="read access")

@@ -2,7 +2,7 @@
 
 The agent reads the whole prefix once, then applies each watch event to this picture; it never
 re-reads the registry per event (the thundering herd that hurt fleet at scale). fleetctl builds
-the same picture from one range read. The value encodings (JSON) live here too, so the registry
+the same picture from one read. The value encodings (JSON) live here too, so the registry
 adapter only moves bytes.
 
 Each record remembers the etcd mod revision of its key: claims compare those revisions inside the
@@ -18,11 +18,11 @@ from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
 from fleetd.keys import KeyLayout, Kind, ParsedKey
-from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
+from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState, shared
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitRecord:
     """A unit as stored: its verbatim text, content hash and the revision of its key."""
 
@@ -30,26 +30,37 @@ class UnitRecord:
     text: str
     hash: str
     revision: int = 0
+    # The parse of the text: the Requirements, the reason it is invalid, or None before the
+    # first question. Kept on the record, which every copy of a snapshot shares, so a unit is
+    # parsed once per content however many snapshots and planners hold it.
+    _parsed: Requirements | str | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
+
+    def _parse(self) -> Requirements | str:
+        parsed = self._parsed
+        if parsed is None:
+            try:
+                parsed = requirements_for(self.text, self.name)
+            except (InvalidUnitFile, InvalidUnitName) as exc:
+                parsed = str(exc)
+            object.__setattr__(self, "_parsed", parsed)
+        return parsed
 
     @property
     def requirements(self) -> Requirements | None:
         """Parsed [X-Fleet] rules, or None when the stored text is invalid (written by a foreign
         client): such a unit is never placed, and `invalid_reason` says why."""
-        try:
-            return requirements_for(self.text, self.name)
-        except (InvalidUnitFile, InvalidUnitName):
-            return None
+        parsed = self._parse()
+        return None if isinstance(parsed, str) else parsed
 
     @property
     def invalid_reason(self) -> str | None:
-        try:
-            requirements_for(self.text, self.name)
-        except (InvalidUnitFile, InvalidUnitName) as exc:
-            return str(exc)
-        return None
+        parsed = self._parse()
+        return parsed if isinstance(parsed, str) else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Desired:
     state: DesiredState
     revision: int = 0
@@ -167,20 +178,27 @@ class Snapshot:
     # last `take_changes`: what an incremental planner needs to look at again. Published
     # states are left out (no plan reads them); a copy starts with an empty journal.
     changes: set[tuple[Kind, str]] = field(default_factory=set, compare=False, repr=False)
+    # One string per unit name for all the maps above (each key would otherwise bring its own
+    # copy of the name), and the unit texts by content hash, so instances of one template share
+    # one text. Entries go when no map holds the name or hash any more; a copy starts without.
+    _names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _texts: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def take_changes(self) -> set[tuple[Kind, str]]:
         changes, self.changes = self.changes, set()
         return changes
 
     def copy(self) -> Snapshot:
-        """A picture that later events do not change (values are immutable; maps are copied)."""
+        """A picture that later events do not change (values are immutable; maps are copied).
+        `apply` replaces a unit's map of published states instead of changing it, so the copy
+        shares those maps."""
         return Snapshot(
             revision=self.revision,
             units=dict(self.units),
             desired=dict(self.desired),
             owners=dict(self.owners),
             machines=dict(self.machines),
-            states={name: dict(per) for name, per in self.states.items()},
+            states=dict(self.states),
             moves=dict(self.moves),
             refused=dict(self.refused),
         )
@@ -240,17 +258,63 @@ class Snapshot:
                     self._put(parsed, value, mod_revision, create_revision)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     reason = f"undecodable value: {_brief(exc)}"
+        if parsed is not None and parsed.kind is not Kind.MACHINE:
+            self._forget_name(parsed.name)
         if reason is not None and value is not None:
             self.refused[key] = reason
             return reason
         return None
 
+    def _name(self, name: str) -> str:
+        return self._names.setdefault(name, name)
+
+    def _forget_name(self, name: str) -> None:
+        if name in self._names and not (
+            name in self.units
+            or name in self.desired
+            or name in self.owners
+            or name in self.states
+            or name in self.moves
+        ):
+            del self._names[name]
+
+    def _text(self, text: str, hash_: str) -> str:
+        """The one copy of a unit text with this hash; counts the records holding it."""
+        entry = self._texts.get(hash_)
+        if entry is None:
+            self._texts[hash_] = (text, 1)
+            return text
+        if entry[0] != text:
+            # Another text with the same SHA-1: keep both, share neither.
+            return text
+        self._texts[hash_] = (entry[0], entry[1] + 1)
+        return entry[0]
+
+    def _drop_text(self, record: UnitRecord) -> None:
+        entry = self._texts.get(record.hash)
+        if entry is None or entry[0] is not record.text:
+            return
+        hash_ = record.hash
+        if entry[1] <= 1:
+            del self._texts[hash_]
+        else:
+            self._texts[hash_] = (entry[0], entry[1] - 1)
+
     def _delete(self, parsed: ParsedKey) -> None:
         if parsed.kind is Kind.STATE:
-            per = self.states.get(parsed.name, {})
-            per.pop(parsed.machine_id, None)
-            if not per:
-                self.states.pop(parsed.name, None)
+            # Replaced, not changed: copies share these maps.
+            per = self.states.get(parsed.name)
+            if per is not None and parsed.machine_id in per:
+                rest = {m: s for m, s in per.items() if m != parsed.machine_id}
+                if rest:
+                    self.states[parsed.name] = rest
+                else:
+                    del self.states[parsed.name]
+            return
+        if parsed.kind is Kind.UNIT:
+            gone = self.units.pop(parsed.name, None)
+            if gone is not None:
+                self._drop_text(gone)
             return
         maps: dict[Kind, dict[str, Any]] = {
             Kind.UNIT: self.units,
@@ -264,7 +328,7 @@ class Snapshot:
     def _put(
         self, parsed: ParsedKey, value: bytes, mod_revision: int, create_revision: int
     ) -> None:
-        name = parsed.name
+        name = parsed.name if parsed.kind is Kind.MACHINE else self._name(parsed.name)
         if parsed.kind is Kind.DESIRED:
             self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
         elif parsed.kind is Kind.MOVE:
@@ -278,14 +342,19 @@ class Snapshot:
                     raise TypeError("unit text is not a string")
                 # The agents compare this hash with the file they wrote: one that is not the
                 # text's own would make the owner reload and restart the unit every round.
-                if str(data["hash"]) != content_hash(data["text"]):
+                hash_ = shared(str(data["hash"]))
+                if hash_ != content_hash(data["text"]):
                     raise ValueError("its hash is not the hash of its text")
                 self.units[name] = UnitRecord(
-                    name, data["text"], str(data["hash"]), mod_revision
+                    name, self._text(data["text"], hash_), hash_, mod_revision
                 )
             elif parsed.kind is Kind.OWNER:
+                # Mostly one revision (the claim created the key): then one int object.
+                created = create_revision or mod_revision
                 self.owners[name] = Owner(
-                    str(data["machine_id"]), create_revision or mod_revision, mod_revision
+                    shared(str(data["machine_id"])),
+                    mod_revision if created == mod_revision else created,
+                    mod_revision,
                 )
             elif parsed.kind is Kind.MACHINE:
                 metadata: Mapping[str, str] = {
@@ -299,13 +368,16 @@ class Snapshot:
                     str(data.get("name", "")),
                 )
             elif parsed.kind is Kind.STATE:
-                self.states.setdefault(name, {})[parsed.machine_id] = PublishedState(
-                    parsed.machine_id,
-                    str(data["load"]),
-                    str(data["active"]),
-                    str(data["sub"]),
-                    str(data["hash"]),
+                machine_id = shared(parsed.machine_id)
+                state = PublishedState(
+                    machine_id,
+                    shared(str(data["load"])),
+                    shared(str(data["active"])),
+                    shared(str(data["sub"])),
+                    shared(str(data["hash"])),
                     float(data.get("since", 0.0)),
                     str(data.get("reason", "")),
                     _container(data.get("container")),
                 )
+                # Replaced, not changed: copies share these maps.
+                self.states[name] = {**self.states.get(name, {}), machine_id: state}

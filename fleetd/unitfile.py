@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName
+from fleetd.model import shared
 
 # --------------------------------------------------------------------------------------------
 # Unit names
@@ -47,7 +48,7 @@ MAX_NAME_LENGTH = 255
 _NAME_CHARS = re.compile(r"^[A-Za-z0-9:_.@\\-]+$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitName:
     """A validated unit name split into systemd's parts: prefix@instance.suffix."""
 
@@ -140,16 +141,18 @@ def parse_unit_name(name: str) -> UnitName:
 def template_group(name: str) -> str | None:
     """The template an instance belongs to, used to group instances for limits and spread."""
     try:
-        return parse_unit_name(name).template
+        template = parse_unit_name(name).template
     except InvalidUnitName:
         return None
+    # The cache holds one answer per instance: let the instances of a template share one string.
+    return shared(template) if template is not None else None
 
 
 # --------------------------------------------------------------------------------------------
 # systemd's INI dialect
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitOption:
     section: str
     key: str
@@ -157,7 +160,7 @@ class UnitOption:
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitFile:
     """A parsed unit file. The text is kept verbatim: `fleetctl cat` prints it unchanged and
     its sha1 is the content hash every layer compares."""
@@ -257,7 +260,7 @@ class Spread(enum.StrEnum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MetadataRule:
     """One `key=value` or `key!=value` term of MachineMetadata."""
 
@@ -269,7 +272,7 @@ class MetadataRule:
         return f"{self.key}{'!=' if self.negated else '='}{self.value}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requirements:
     """What a unit's [X-Fleet] section asks of the machine that runs it, specifiers expanded."""
 
@@ -572,8 +575,22 @@ def any_glob_match(patterns: Iterable[str], name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1 << 15)
+# The registry's records keep their own parse (`fleetd.snapshot.UnitRecord`); this cache serves
+# the same content read again (a unit re-written, a fresh read of the registry) and other callers.
+@functools.lru_cache(maxsize=1024)
 def requirements_for(text: str, name: str) -> Requirements:
-    """Parse and validate once per (content, name); the placement loop asks very often, for
-    every unit of the registry (tens of thousands at scale, so the cache holds as many)."""
-    return parse_requirements(parse_unit_file(text, name), name)
+    """Parse and validate once per (content, name). Equal answers are one object: the instances
+    of a template mostly ask the same of their machine."""
+    req = parse_requirements(parse_unit_file(text, name), name)
+    # Warnings do not take part in equality, so they are part of the key.
+    key = (req, req.warnings)
+    found = _requirements.get(key)
+    if found is not None:
+        return found
+    if len(_requirements) >= 4096:
+        _requirements.clear()
+    _requirements[key] = req
+    return req
+
+
+_requirements: dict[tuple[Requirements, tuple[str, ...]], Requirements] = {}

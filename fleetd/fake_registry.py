@@ -236,7 +236,7 @@ class FakeRegistry:
                 owner not in self._data
                 and self._mod(self.layout.desired(unit)) == desired_revision
                 and self.layout.machine(machine_id) in self._data
-                and self._max_mod(self.layout.kind_prefix(Kind.UNIT)) <= snapshot_revision
+                and self._mod(self.layout.units_changed()) <= snapshot_revision
                 and all(self._max_mod(owners + p) <= snapshot_revision for p in guards.prefixes)
                 and all(
                     self._mod(self.layout.owner(n)) == rev for n, rev in guards.exact.items()
@@ -290,6 +290,8 @@ class FakeRegistry:
             if mine:
                 ops += mine
                 guards[key] = old.revision if old else 0
+        if any(k.startswith(self.layout.kind_prefix(Kind.UNIT)) for k, _, _ in ops):
+            ops.append((self.layout.units_changed(), b"", 0))
         return self._write(ops, lambda: all(self._mod(k) == r for k, r in guards.items()))
 
     def set_desired(self, names: Iterable[str], state: DesiredState) -> None:

@@ -13,13 +13,17 @@ Everything lives under a configurable prefix (default ``/fleet/``)::
                                                                    bound to its lease
     <prefix>move/<name>        machine id                          a rebalance asks the owner to
                                                                    hand the unit to that machine
+    <prefix>meta/units-changed ""                                  written with every change of
+                                                                   unit content (fleetctl)
 
 A machine's presence, the owner keys it holds and the states it published all share its lease, so
 a dead machine's keys vanish together and nothing else has to clean up. The owner key's create
 revision is a fencing token: it changes every time ownership changes hands.
 
-Unit content and desired state are separate keys so that start/stop touch one small value and a
-claim can guard on "no unit content changed since my snapshot" with a single range compare.
+Unit content and desired state are separate keys so that start/stop touch one small value. Every
+write of unit content also writes `meta/units-changed` in the same transaction, so a claim guards
+on "no unit content changed since my snapshot" by one key's mod revision: a range compare over
+every unit key would cost etcd a read of all of them per claim.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class Kind(enum.Enum):
     MACHINE = "machine"
     STATE = "state"
     MOVE = "move"
+    META = "meta"  # bookkeeping of the registry itself, not about one unit
+
+
+UNITS_CHANGED = "units-changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,10 @@ class KeyLayout:
 
     def move(self, name: str) -> str:
         return f"{self.prefix}move/{name}"
+
+    def units_changed(self) -> str:
+        """The key whose mod revision is the last change of any unit's content."""
+        return f"{self.prefix}{Kind.META.value}/{UNITS_CHANGED}"
 
     def kind_prefix(self, kind: Kind) -> str:
         return f"{self.prefix}{kind.value}/"

@@ -121,6 +121,11 @@ def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
         yield chunk
 
 
+def _key_of(op: Any) -> str:
+    key = op.key
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
 class EtcdRegistry:
     """The registry as the agent and fleetctl see it."""
 
@@ -474,8 +479,13 @@ class EtcdRegistry:
                 ops.append(tx.put(self.layout.desired(record.name), state.value))
             if ops:
                 groups.append((tx.mod(key) == (old.revision if old else 0), ops, size))
+        unit_prefix = self.layout.kind_prefix(Kind.UNIT)
         for chunk in _batches(groups):
-            if not self._txn([c for c, _, _ in chunk], [op for _, ops, _ in chunk for op in ops]):
+            ops = [op for _, group_ops, _ in chunk for op in group_ops]
+            if any(_key_of(op).startswith(unit_prefix) for op in ops):
+                # What claims compare instead of every unit key (see fleetd.keys).
+                ops.append(tx.put(self.layout.units_changed(), ""))
+            if not self._txn([c for c, _, _ in chunk], ops):
                 return False
         return True
 
@@ -558,8 +568,7 @@ class EtcdRegistry:
             tx.mod(self.layout.desired(unit)) == desired_revision,
             tx.create(self.layout.machine(machine_id)) > 0,
         ]
-        units_prefix = self.layout.kind_prefix(Kind.UNIT)
-        compare.append(self._range_mod_below(units_prefix, snapshot_revision + 1))
+        compare.append(tx.mod(self.layout.units_changed()) < snapshot_revision + 1)
         owners_prefix = self.layout.kind_prefix(Kind.OWNER)
         for prefix in sorted(guards.prefixes):
             compare.append(self._range_mod_below(owners_prefix + prefix, snapshot_revision + 1))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
-from fleetd.keys import KeyLayout, Kind, ParsedKey
+from fleetd.keys import UNITS_CHANGED, KeyLayout, Kind, ParsedKey
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState, shared
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
@@ -231,6 +231,11 @@ class Snapshot:
         self.refused.pop(key, None)
         parsed = layout.parse(key)
         reason: str | None = None
+        if parsed is not None and parsed.kind is Kind.META:
+            # The registry's own bookkeeping: read by claims in etcd, nothing to picture here.
+            if parsed.name == UNITS_CHANGED:
+                return None
+            parsed = None
         if parsed is None:
             reason = "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
         elif parsed.kind is not Kind.MACHINE:

@@ -211,7 +211,7 @@ def test_watch_reports_every_change_in_order_from_the_revision(backend: Backend)
         reg.set_desired(["a.service"], DesiredState.INACTIVE)
         reg.destroy(["a.service"])
         deadline = time.monotonic() + 10
-        while len(events) < 5 and time.monotonic() < deadline:
+        while len(events) < 6 and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         cancel()
@@ -219,6 +219,7 @@ def test_watch_reports_every_change_in_order_from_the_revision(backend: Backend)
     assert keys == [
         ("unit", False),
         ("desired", False),
+        ("meta", False),  # the units-changed mark, written with the content
         ("desired", False),
         ("unit", True),
         ("desired", True),
@@ -292,3 +293,32 @@ def test_published_states_are_written_and_withdrawn_in_bulk(backend: Backend) ->
     revision = reg.snapshot().revision
     reg.publish_states("m1", lease, {})
     assert reg.snapshot().revision == revision
+
+
+def test_only_unit_content_writes_move_the_units_changed_mark(backend: Backend) -> None:
+    """Claims compare this one key instead of every unit key: every content write moves it, a
+    start or stop does not, and the snapshot neither pictures nor refuses it."""
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("u.service")
+    assert snap.refused == {}
+    desired = snap.desired["u.service"].revision
+    reg.set_desired(["u.service"], DesiredState.LAUNCHED)  # a start: no content changed
+    snap = reg.snapshot()
+    assert reg.claim(
+        "u.service", "m1", lease, snap.revision - 1, snap.desired["u.service"].revision,
+        NO_GUARDS,
+    )
+    assert desired != snap.desired["u.service"].revision
+    # A new text for a unit (not only a new unit) moves the mark.
+    before = reg.snapshot()
+    text = "[Service]\nExecStart=/bin/true\n"
+    record = UnitRecord("v.service", text, content_hash(text))
+    assert reg.write_units([record], DesiredState.LAUNCHED, before)
+    assert not reg.claim(
+        "v.service", "m1", lease, before.revision, reg.snapshot().desired["v.service"].revision,
+        NO_GUARDS,
+    )
+    after = reg.snapshot()
+    assert after.refused == {}
+    assert set(after.units) == {"u.service", "v.service"}

@@ -17,6 +17,7 @@ from fleetd.agent.publish import Publisher
 from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
 from fleetd.metrics import Metrics, count_by
+from fleetd.model import SystemdState
 from fleetd.placement import Placement, claim_guards
 from fleetd.planner import TaskKind, plan_claims, plan_local, still_started
 from fleetd.ports import Registry, UnitManager
@@ -36,6 +37,10 @@ def excludes(snap: Snapshot, a: str, b: str) -> bool:
             return True
     return False
 
+
+# systemd states between two steady ones, and how long a unit in one is watched closely.
+TRANSITIONS = frozenset({"activating", "deactivating", "reloading"})
+SETTLE_WINDOW = 5.0
 
 # (unit, machine) pairs a planning pass may evaluate from scratch.
 PASS_BUDGET = 20_000
@@ -78,10 +83,12 @@ class Reconciler:
         self.stagger = stagger
         self.wake = wake
         self._first_seen: dict[str, tuple[str, float]] = {}
+        self._moving_since: dict[str, float] = {}
         self.next_wake: float | None = None
 
     def round(self) -> bool:
-        """One round; True when a unit is still stopping and the round should come again soon."""
+        """One round; True when a unit is still stopping, or has just been started or stopped
+        and not yet reached its state, so the round should come again soon."""
         view = self.view()
         if not view.may_start(self.clock(), self.margin):
             return False  # not joined, or fencing: only the fencer touches systemd now
@@ -153,8 +160,19 @@ class Reconciler:
         self.executor.note_units(set(loaded) | mine)
         states = self.manager.states(loaded) if loaded else {}
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
+        settling = self._settling(states)
         self.metrics.units(
             count_by(s.active for s in states.values()),
             self.mirror.desired_counts(snap),
         )
-        return stopping
+        return stopping or settling
+
+    def _settling(self, states: Mapping[str, SystemdState]) -> bool:
+        """Whether a unit is on its way up or down, and not for long: the next round then comes
+        soon, so its new state is published when systemd reaches it rather than a second later.
+        A unit that stays in a transition (a start that hangs, a restart loop) is left to the
+        ordinary pace after SETTLE_WINDOW."""
+        now = self.clock()
+        moving = {n for n, s in states.items() if s.active in TRANSITIONS}
+        self._moving_since = {n: self._moving_since.get(n, now) for n in moving}
+        return any(now - since < SETTLE_WINDOW for since in self._moving_since.values())

@@ -257,7 +257,7 @@ class Agent:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            timeout = 0.25 if stopping_units else 1.0
+            timeout = 0.1 if stopping_units else 1.0
             next_wake = self.reconciler.next_wake
             if next_wake is not None:
                 timeout = max(0.01, min(timeout, next_wake - self.clock()))

@@ -193,6 +193,10 @@ def main() -> None:
                   f"p99 {percentile(times, 0.99):.1f} ms, max {max(times, default=0):.1f} ms "
                   f"over {len(times)} passes; evaluations per pass p50 "
                   f"{percentile([float(e) for e in evaluations], 0.5):.0f}")
+            slowest = sorted(range(len(times)), key=lambda i: -times[i])[:3]
+            print("slowest passes: " + ", ".join(
+                f"#{i + 1} {times[i]:.0f} ms ({evaluations[i]} evaluations)" for i in slowest
+            ) + " (#1 builds the planner from the whole registry)")
             print(f"etcd proposals per placement: {written / args.units:.2f} "
                   "(unit writes, claims and published states)")
             low, high = min(loads.values()), max(loads.values())

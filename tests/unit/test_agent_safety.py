@@ -28,13 +28,14 @@ import pytest
 
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.lease import LeaseFile
+from fleetd.agent.reconcile import SETTLE_WINDOW
 from fleetd.clock import FakeClock
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.guard import Guard
-from fleetd.model import DesiredState, Machine, PublishedState
+from fleetd.model import DesiredState, Machine, PublishedState, SystemdState
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -577,3 +578,23 @@ def test_a_failed_first_read_of_the_registry_is_read_again(cluster: Cluster) -> 
     cluster.settle()
     assert cluster.running("u.service") == {"a"}
     assert list(cluster.managers["a"].guards) == ["fleet-guard-616161616161.service"]
+
+
+def test_a_unit_in_transition_brings_the_next_round_soon_but_not_forever(
+    cluster: Cluster,
+) -> None:
+    """A unit just started (activating) or stopping is published as soon as systemd settles it:
+    the round asks to come again soon. One that stays in a transition (a start that hangs) is
+    left to the ordinary pace after the settle window, so it cannot keep the loop spinning."""
+    reconciler = cluster.add("a").reconciler
+    up = {"u.service": SystemdState("loaded", "active", "running")}
+    starting = {"u.service": SystemdState("loaded", "activating", "start")}
+    assert not reconciler._settling(up)
+    assert reconciler._settling(starting)
+    cluster.clock.advance(SETTLE_WINDOW - 0.5)
+    assert reconciler._settling(starting)
+    cluster.clock.advance(1.0)
+    assert not reconciler._settling(starting)
+    # Back to steady, then a new transition: watched closely again.
+    assert not reconciler._settling(up)
+    assert reconciler._settling({"u.service": SystemdState("loaded", "deactivating", "stop")})

@@ -355,26 +355,33 @@ class Agent:
         log.info("stopped")
 
     def _drain(self) -> None:
-        """Stop and unload our units, then revoke the lease: ownership, published states and
-        presence vanish in one step and the other machines race for the units at once. The
-        lease keeps being renewed meanwhile, and nothing is released while a unit still runs."""
+        """Stop our units, revoke the lease once none runs (ownership, published states and
+        presence vanish in one step and the other machines race for the units at once), then
+        unload them. The lease keeps being renewed meanwhile, and nothing is released while a
+        unit still runs; unloading stopped units needs no lease, so the others need not wait
+        for it."""
         log.info("shutting down: stopping units and leaving the cluster")
         try:
             names = self._fence_units()
             stop_units(self.manager, names, "fleetd is shutting down")
             if not self._wait_stopped(names, max(5.0, self.config.agent_ttl)):
                 kill_units(self.manager, names, "did not stop within the drain timeout")
-                self._wait_stopped(names, 5.0)
+                if not self._wait_stopped(names, 5.0):
+                    raise SystemdError("units still run after SIGKILL")
+        except SystemdError as exc:
+            log.error("could not take every unit down, keeping the lease to expire by itself "
+                      "after the guard stops them: %s", exc)
+            return
+        self.keeper.revoke()
+        try:
             loaded = self.manager.loaded_units()
             for name in sorted(loaded):
                 self.manager.unload(name)
             if loaded:
                 self.manager.reload()
         except SystemdError as exc:
-            log.error("could not take every unit down, keeping the lease to expire by itself "
-                      "after the guard stops them: %s", exc)
-            return
-        self.keeper.revoke()
+            # Stopped and no longer ours: a later fleetd unloads what is left at start-up.
+            log.warning("could not unload every stopped unit: %s", exc)
 
     def _wait_stopped(self, names: set[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

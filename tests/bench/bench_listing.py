@@ -58,7 +58,7 @@ def fill(endpoint: str, units: int, machines: int) -> None:
             raise SystemExit("could not write the units")
         leases: list[int] = []
         for index in range(machines):
-            lease = registry.grant_lease(600)
+            lease = registry.grant_lease(3600)
             machine = Machine(
                 machine_id(index), f"10.0.{index // 250}.{index % 250 + 1}",
                 {"zone": f"z{index % 4}"}, "0.1.0", f"hollow-{index:03d}",

@@ -7,18 +7,25 @@ leaves it once every unit runs: `--units` instances `hello@N.service` of one tem
 launched), `--machines` machines each on a lease of its own, every unit claimed by one machine
 (round robin) and published active by it. Units, leases and machines are written through
 `EtcdRegistry`'s own methods; owner keys and states in batched transactions of the keys
-(`registry.layout`) and values (`fleetd.snapshot` encoders) the agents write. Then it prints, each the median of `--runs` runs of
-a whole process (wall time, as an operator waits for it):
+(`registry.layout`) and values (`fleetd.snapshot` encoders) the agents write. Then it prints,
+each the median of `--runs` runs of a whole process (wall time, as an operator waits for it, and
+CPU time, steadier on a shared machine):
 
 - `python -c 'import fleetctl.main'`: the floor every fleetctl command pays before any work;
 - `fleetctl list-units --no-legend` and `fleetctl list-unit-files --no-legend`;
 - the same two with `-o json`.
+
+Python's bytecode of the project's modules is written to a cache under the temporary directory
+(`PYTHONPYCACHEPREFIX`; an unmeasured first run fills it), as an installed fleetctl has it;
+`--no-bytecode` measures with `PYTHONDONTWRITEBYTECODE=1` instead, every module compiled from
+source in every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -92,16 +99,21 @@ def fill(endpoint: str, units: int, machines: int) -> None:
         registry.close()
 
 
-def median_seconds(argv: list[str], env: dict[str, str], runs: int) -> tuple[float, int]:
-    """Median wall time of `runs` runs, and the bytes the last one wrote to stdout."""
-    times = []
+def median_seconds(argv: list[str], env: dict[str, str], runs: int) -> tuple[float, float, int]:
+    """Median wall time and median CPU time (user + system) of `runs` runs, and the bytes the
+    last one wrote to stdout. CPU time varies less than wall time on a shared machine."""
+    walls: list[float] = []
+    cpus: list[float] = []
     size = 0
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         done = subprocess.run(argv, check=True, capture_output=True, env=env)
-        times.append(time.monotonic() - start)
+        walls.append(time.monotonic() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         size = len(done.stdout)
-    return statistics.median(times), size
+    return statistics.median(walls), statistics.median(cpus), size
 
 
 def main() -> None:
@@ -109,6 +121,7 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=10_000)
     parser.add_argument("--machines", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-bytecode", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
         cluster = EtcdCluster.start(Path(tmp) / "etcd", members=1)
@@ -124,15 +137,23 @@ def main() -> None:
                 "FLEETCTL_ENDPOINT": endpoint,
                 "FLEETCTL_ETCD_KEY_PREFIX": PREFIX,
             }
-            floor, _ = median_seconds(
+            if args.no_bytecode:
+                env["PYTHONDONTWRITEBYTECODE"] = "1"
+            else:
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
+                env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
+                for verb in ("list-units", "list-unit-files"):
+                    subprocess.run([FLEETCTL, verb], check=True, capture_output=True, env=env)
+            floor, floor_cpu, _ = median_seconds(
                 [sys.executable, "-c", "import fleetctl.main"], env, args.runs
             )
-            print(f"import fleetctl.main: {floor:.3f} s (median of {args.runs})")
+            print(f"import fleetctl.main: {floor:.3f} s, CPU {floor_cpu:.3f} s "
+                  f"(medians of {args.runs})")
             for verb in ("list-units", "list-unit-files"):
                 for extra in (["--no-legend"], ["-o", "json"]):
-                    seconds, size = median_seconds([FLEETCTL, verb, *extra], env, args.runs)
-                    print(f"fleetctl {verb} {' '.join(extra)}: {seconds:.3f} s "
-                          f"(median of {args.runs}, {size} bytes out)")
+                    wall, cpu, size = median_seconds([FLEETCTL, verb, *extra], env, args.runs)
+                    print(f"fleetctl {verb} {' '.join(extra)}: {wall:.3f} s, CPU {cpu:.3f} s "
+                          f"(medians of {args.runs}; {size} bytes out)")
         finally:
             cluster.stop()
 

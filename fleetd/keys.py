@@ -39,6 +39,11 @@ class Kind(enum.Enum):
     MOVE = "move"
 
 
+# `Kind(text)` costs an enum lookup and an exception for every unknown kind; keys are parsed
+# once per registry entry (tens of thousands in a listing), so a plain dict decides instead.
+_KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
+
+
 @dataclass(frozen=True)
 class ParsedKey:
     """A registry key split into what it addresses; `machine_id` is set for STATE keys."""
@@ -89,9 +94,8 @@ class KeyLayout:
         kind_text, sep, tail = rest.partition("/")
         if not sep or not tail:
             return None
-        try:
-            kind = Kind(kind_text)
-        except ValueError:
+        kind = _KINDS.get(kind_text)
+        if kind is None:
             return None
         if kind is Kind.STATE:
             name, sep, machine_id = tail.rpartition("/")

@@ -11,6 +11,7 @@ claim transaction, so a decision is only committed if the facts it was based on 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -143,6 +144,20 @@ def _load(value: bytes | str) -> Any:
         raise ValueError("registry value nested too deeply") from None
 
 
+_DESIRED_STATES: dict[str, DesiredState] = {state.value: state for state in DesiredState}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _name_refusal(name: str) -> str | None:
+    """Why systemd would refuse the unit name, or None. Every unit's name comes in four keys
+    (unit, desired, owner, state) and again in every watch event of them: validate it once."""
+    try:
+        parse_unit_name(name)
+    except InvalidUnitName as exc:
+        return str(exc)
+    return None
+
+
 # ---------------------------------------------------------------------------------- snapshot
 
 
@@ -209,17 +224,16 @@ class Snapshot:
         """
         if not key.startswith(layout.prefix):
             return None
-        self.revision = max(self.revision, mod_revision)
-        self.refused.pop(key, None)
+        if mod_revision > self.revision:
+            self.revision = mod_revision
+        if self.refused:
+            self.refused.pop(key, None)
         parsed = layout.parse(key)
         reason: str | None = None
         if parsed is None:
             reason = "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
         elif parsed.kind is not Kind.MACHINE:
-            try:
-                parse_unit_name(parsed.name)
-            except InvalidUnitName as exc:
-                reason = str(exc)
+            reason = _name_refusal(parsed.name)
         too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
         if reason is None and parsed is not None and parsed.kind is Kind.UNIT and too_large:
             # fleetctl never stores more; a larger value came from another writer, and an
@@ -252,21 +266,31 @@ class Snapshot:
             if not per:
                 self.states.pop(parsed.name, None)
             return
-        maps: dict[Kind, dict[str, Any]] = {
-            Kind.UNIT: self.units,
-            Kind.DESIRED: self.desired,
-            Kind.OWNER: self.owners,
-            Kind.MACHINE: self.machines,
-            Kind.MOVE: self.moves,
-        }
-        maps[parsed.kind].pop(parsed.name, None)
+        self._map(parsed.kind).pop(parsed.name, None)
+
+    def _map(self, kind: Kind) -> dict[str, Any]:
+        # Compared by identity: an enum member hashes in Python code, slow for a per-key lookup.
+        if kind is Kind.UNIT:
+            return self.units
+        if kind is Kind.DESIRED:
+            return self.desired
+        if kind is Kind.OWNER:
+            return self.owners
+        if kind is Kind.MACHINE:
+            return self.machines
+        if kind is Kind.MOVE:
+            return self.moves
+        raise ValueError(f"no map of {kind}")
 
     def _put(
         self, parsed: ParsedKey, value: bytes, mod_revision: int, create_revision: int
     ) -> None:
         name = parsed.name
         if parsed.kind is Kind.DESIRED:
-            self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
+            text = value.decode()
+            # The enum's own call raises the error (and message) of an unknown state.
+            state = _DESIRED_STATES.get(text) or DesiredState(text)
+            self.desired[name] = Desired(state, mod_revision)
         elif parsed.kind is Kind.MOVE:
             self.moves[name] = value.decode()
         else:

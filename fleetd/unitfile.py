@@ -87,6 +87,9 @@ def default_unit_name(argument: str) -> str:
     return base
 
 
+# Cached: every layer validates the same names again and again (each registry key of a unit, each
+# listing row, each placement); a refused name raises anew each time.
+@functools.lru_cache(maxsize=1 << 16)
 def parse_unit_name(name: str) -> UnitName:
     """Validate `name` as systemd validates a unit file name and split it; InvalidUnitName says
     what is wrong.
@@ -181,7 +184,9 @@ class UnitFile:
     def has_section(self, section: str) -> bool:
         return has_section(self.text, section)
 
-    @property
+    # Cached (frozen dataclasses allow it: the value lands in the instance dict, not a field):
+    # one parsed text serves every instance of a template in a listing.
+    @functools.cached_property
     def description(self) -> str:
         values = self.values("Unit", "Description")
         return values[-1] if values else ""
@@ -244,6 +249,22 @@ def parse_unit_file(text: str, source: str = "unit file") -> UnitFile:
     return UnitFile(text, tuple(options))
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def _parsed(text: str) -> UnitFile:
+    return parse_unit_file(text)
+
+
+def parsed_unit_file(text: str, source: str = "unit file") -> UnitFile:
+    """`parse_unit_file`, once per distinct text. The instances of a template share its text, and
+    listings and the placement loop ask for every one of them; the parse does not depend on the
+    source, which only names the file in an error (so a text that fails is parsed again, to
+    name this source)."""
+    try:
+        return _parsed(text)
+    except InvalidUnitFile:
+        return parse_unit_file(text, source)
+
+
 # --------------------------------------------------------------------------------------------
 # [X-Fleet]
 
@@ -299,6 +320,8 @@ class Requirements:
         return bool(self.region_of or self.region_conflicts or self.max_per_region is not None)
 
 
+_NO_REQUIREMENTS = Requirements()
+
 DEPRECATED_OPTIONS = {
     "X-ConditionMachineID": "MachineID",
     "X-ConditionMachineOf": "MachineOf",
@@ -330,6 +353,8 @@ _FALSE = frozenset({"false", "no", "0", "off", "f", "n", ""})
 
 def expand_specifiers(value: str, name: UnitName) -> str:
     """Expand %n %N %p %i (and %%) the way systemd would for this unit name."""
+    if "%" not in value:
+        return value
     table = {
         "n": name.name,
         "N": name.stem,
@@ -395,6 +420,10 @@ def parse_requirements(unit: UnitFile, name: str) -> Requirements:
     warnings, carried in `Requirements.warnings`, never errors: a fleet user's files must load.
     """
     unit_name = parse_unit_name(name)
+    if not any(option.section == XFLEET for option in unit.options):
+        # Nothing to expand or validate: every unit without the section asks for nothing, and
+        # most units of a large registry are such instances of one template.
+        return _NO_REQUIREMENTS
     if unit_name.is_template:
         return _template_requirements(unit, unit_name)
     return _parse_requirements(unit, unit_name, name)
@@ -576,4 +605,4 @@ def any_glob_match(patterns: Iterable[str], name: str) -> str | None:
 def requirements_for(text: str, name: str) -> Requirements:
     """Parse and validate once per (content, name); the placement loop asks very often, for
     every unit of the registry (tens of thousands at scale, so the cache holds as many)."""
-    return parse_requirements(parse_unit_file(text, name), name)
+    return parse_requirements(parsed_unit_file(text, name), name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
-from fleetd.keys import KeyLayout, Kind, ParsedKey
+from fleetd.keys import KeyLayout, Kind
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
@@ -228,45 +228,48 @@ class Snapshot:
             self.revision = mod_revision
         if self.refused:
             self.refused.pop(key, None)
-        parsed = layout.parse(key)
-        reason: str | None = None
-        if parsed is None:
-            reason = "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
-        elif parsed.kind is not Kind.MACHINE:
-            reason = _name_refusal(parsed.name)
-        too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
-        if reason is None and parsed is not None and parsed.kind is Kind.UNIT and too_large:
-            # fleetctl never stores more; a larger value came from another writer, and an
-            # agent does not build a file from it.
-            assert value is not None
-            reason = (
-                f"stored unit of {len(value)} bytes exceeds the limit of "
-                f"{MAX_UNIT_VALUE_BYTES} bytes"
+        parts = layout.split(key)
+        if parts is None:
+            reason: str | None = (
+                "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
             )
-            self._delete(parsed)
-        if reason is None and parsed is not None:
-            if parsed.kind is not Kind.STATE:
-                self.changes.add((parsed.kind, parsed.name))
-            # A valid put replaces whatever the key held; a refused one leaves nothing behind.
-            self._delete(parsed)
-            if value is not None:
-                try:
-                    self._put(parsed, value, mod_revision, create_revision)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    reason = f"undecodable value: {_brief(exc)}"
+        else:
+            kind, name, machine_id = parts
+            reason = None if kind is Kind.MACHINE else _name_refusal(name)
+            too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
+            if reason is None and kind is Kind.UNIT and too_large:
+                # fleetctl never stores more; a larger value came from another writer, and an
+                # agent does not build a file from it.
+                assert value is not None
+                reason = (
+                    f"stored unit of {len(value)} bytes exceeds the limit of "
+                    f"{MAX_UNIT_VALUE_BYTES} bytes"
+                )
+                self._delete(kind, name, machine_id)
+            if reason is None:
+                if kind is not Kind.STATE:
+                    self.changes.add((kind, name))
+                # A valid put replaces whatever the key held; a refused one leaves nothing.
+                self._delete(kind, name, machine_id)
+                if value is not None:
+                    try:
+                        self._put(kind, name, machine_id, value, mod_revision, create_revision)
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        reason = f"undecodable value: {_brief(exc)}"
         if reason is not None and value is not None:
             self.refused[key] = reason
             return reason
         return None
 
-    def _delete(self, parsed: ParsedKey) -> None:
-        if parsed.kind is Kind.STATE:
-            per = self.states.get(parsed.name, {})
-            per.pop(parsed.machine_id, None)
-            if not per:
-                self.states.pop(parsed.name, None)
+    def _delete(self, kind: Kind, name: str, machine_id: str) -> None:
+        if kind is Kind.STATE:
+            per = self.states.get(name)
+            if per is not None:
+                per.pop(machine_id, None)
+                if not per:
+                    del self.states[name]
             return
-        self._map(parsed.kind).pop(parsed.name, None)
+        self._map(kind).pop(name, None)
 
     def _map(self, kind: Kind) -> dict[str, Any]:
         # Compared by identity: an enum member hashes in Python code, slow for a per-key lookup.
@@ -283,21 +286,37 @@ class Snapshot:
         raise ValueError(f"no map of {kind}")
 
     def _put(
-        self, parsed: ParsedKey, value: bytes, mod_revision: int, create_revision: int
+        self,
+        kind: Kind,
+        name: str,
+        machine_id: str,
+        value: bytes,
+        mod_revision: int,
+        create_revision: int,
     ) -> None:
-        name = parsed.name
-        if parsed.kind is Kind.DESIRED:
+        if kind is Kind.DESIRED:
             text = value.decode()
             # The enum's own call raises the error (and message) of an unknown state.
             state = _DESIRED_STATES.get(text) or DesiredState(text)
             self.desired[name] = Desired(state, mod_revision)
-        elif parsed.kind is Kind.MOVE:
+        elif kind is Kind.MOVE:
             self.moves[name] = value.decode()
         else:
             data = _load(value)
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            if parsed.kind is Kind.UNIT:
+            if kind is Kind.STATE:
+                self.states.setdefault(name, {})[machine_id] = PublishedState(
+                    machine_id,
+                    str(data["load"]),
+                    str(data["active"]),
+                    str(data["sub"]),
+                    str(data["hash"]),
+                    float(data.get("since", 0.0)),
+                    str(data.get("reason", "")),
+                    _container(data.get("container")),
+                )
+            elif kind is Kind.UNIT:
                 if not isinstance(data["text"], str):
                     raise TypeError("unit text is not a string")
                 # The agents compare this hash with the file they wrote: one that is not the
@@ -307,11 +326,11 @@ class Snapshot:
                 self.units[name] = UnitRecord(
                     name, data["text"], str(data["hash"]), mod_revision
                 )
-            elif parsed.kind is Kind.OWNER:
+            elif kind is Kind.OWNER:
                 self.owners[name] = Owner(
                     str(data["machine_id"]), create_revision or mod_revision, mod_revision
                 )
-            elif parsed.kind is Kind.MACHINE:
+            elif kind is Kind.MACHINE:
                 metadata: Mapping[str, str] = {
                     str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
                 }
@@ -321,15 +340,4 @@ class Snapshot:
                     metadata,
                     str(data.get("version", "")),
                     str(data.get("name", "")),
-                )
-            elif parsed.kind is Kind.STATE:
-                self.states.setdefault(name, {})[parsed.machine_id] = PublishedState(
-                    parsed.machine_id,
-                    str(data["load"]),
-                    str(data["active"]),
-                    str(data["sub"]),
-                    str(data["hash"]),
-                    float(data.get("since", 0.0)),
-                    str(data.get("reason", "")),
-                    _container(data.get("container")),
                 )

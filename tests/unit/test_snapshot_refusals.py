@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetd.keys import KeyLayout
+from fleetd.keys import KeyLayout, Kind, ParsedKey
 from fleetd.snapshot import Snapshot
 from fleetd.unitfile import content_hash
 
@@ -95,3 +96,25 @@ def test_every_kind_lands_in_its_map_and_a_delete_removes_it() -> None:
     assert (snap.units, snap.desired, snap.owners, snap.machines, snap.states, snap.moves) == (
         {}, {}, {}, {}, {}, {},
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("/fleet/unit/a.service", ParsedKey(Kind.UNIT, "a.service")),
+        ("/fleet/state/a.service/m1", ParsedKey(Kind.STATE, "a.service", "m1")),
+        ("/fleet/machine/m1", ParsedKey(Kind.MACHINE, "m1")),
+        ("/fleet/move/a.service", ParsedKey(Kind.MOVE, "a.service")),
+        ("/fleet/state/a.service", None),
+        ("/fleet/state//m1", None),
+        ("/fleet/unit/a/b.service", None),
+        ("/fleet/unit/", None),
+        ("/fleet/other/a.service", None),
+        ("/fleet/UNIT/a.service", None),
+        ("/other/unit/a.service", None),
+    ],
+)
+def test_keys_split_into_kind_name_and_machine(key: str, expected: ParsedKey | None) -> None:
+    assert LAYOUT.parse(key) == expected
+    parts = LAYOUT.split(key)
+    assert (parts and ParsedKey(*parts)) == (expected or None)

@@ -28,7 +28,7 @@ from fleetd.model import PublishedState
 from fleetd.placement import explain
 from fleetd.rebalance import Move
 from fleetd.snapshot import Snapshot, UnitRecord
-from fleetd.unitfile import expand_specifiers, parse_unit_file, parse_unit_name
+from fleetd.unitfile import expand_specifiers, parse_unit_name, parsed_unit_file
 
 TAB_WIDTH = 8
 PADDING = 1
@@ -77,17 +77,20 @@ def tabulate(lines: Sequence[Sequence[str]]) -> str:
     if not lines:
         return ""
     count = len(lines[0])
-    widths = [0] * count
-    for line in lines:
-        if len(line) != count:
-            raise ValueError("every row of a table needs the same number of cells")
-        for i, cell in enumerate(line[:-1]):
-            if cell:
-                widths[i] = max(widths[i], len(cell) + PADDING)
+    if any(len(line) != count for line in lines):
+        raise ValueError("every row of a table needs the same number of cells")
+    widths = [
+        max((len(cell) + PADDING for cell in column if cell), default=0)
+        for column in list(zip(*lines, strict=True))[:-1]
+    ]
+    # A cell's padding depends only on its length: one string per length and column, looked up
+    # (listings have tens of thousands of rows).
+    pads = [[_tab_padding(" " * size, width) for size in range(width + 1)] for width in widths]
     out = []
     for line in lines:
-        cells = [cell + _tab_padding(cell, widths[i]) for i, cell in enumerate(line[:-1])]
-        out.append("".join(cells) + line[-1] + "\n")
+        # The last cell has no padding: zip stops at the shorter pads.
+        cells = "".join([cell + pad[len(cell)] for cell, pad in zip(line, pads, strict=False)])
+        out.append(cells + line[-1] + "\n")
     return "".join(out)
 
 
@@ -144,7 +147,7 @@ def description(record: UnitRecord) -> str:
     """The [Unit] Description, with specifiers expanded as systemd shows it ("Web %i" of
     web@1.service reads "Web 1")."""
     try:
-        text = parse_unit_file(record.text, record.name).description
+        text = parsed_unit_file(record.text, record.name).description
         return expand_specifiers(text, parse_unit_name(record.name))
     except (InvalidUnitFile, InvalidUnitName):
         return ""

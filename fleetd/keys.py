@@ -46,6 +46,10 @@ class Kind(enum.Enum):
 
 UNITS_CHANGED = "units-changed"
 
+# `Kind(text)` costs an enum lookup and an exception for every unknown kind; keys are parsed
+# once per registry entry (tens of thousands in a listing), so a plain dict decides instead.
+_KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedKey:
@@ -95,24 +99,28 @@ class KeyLayout:
 
     def parse(self, key: str) -> ParsedKey | None:
         """Split a key under this prefix; None for a key this layout does not own."""
+        parts = self.split(key)
+        return None if parts is None else ParsedKey(*parts)
+
+    def split(self, key: str) -> tuple[Kind, str, str] | None:
+        """`parse` as a plain (kind, name, machine id) tuple, for decoding a whole registry
+        without building an object per key."""
         if not key.startswith(self.prefix):
             return None
-        rest = key[len(self.prefix) :]
-        kind_text, sep, tail = rest.partition("/")
+        kind_text, sep, tail = key[len(self.prefix) :].partition("/")
         if not sep or not tail:
             return None
-        try:
-            kind = Kind(kind_text)
-        except ValueError:
+        kind = _KINDS.get(kind_text)
+        if kind is None:
             return None
         if kind is Kind.STATE:
             name, sep, machine_id = tail.rpartition("/")
             if not sep or not name or not machine_id:
                 return None
-            return ParsedKey(kind, name, machine_id)
+            return kind, name, machine_id
         if "/" in tail:
             return None
-        return ParsedKey(kind, tail)
+        return kind, tail, ""
 
 
 def range_end(prefix: str) -> str:

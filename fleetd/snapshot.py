@@ -11,13 +11,14 @@ claim transaction, so a decision is only committed if the facts it was based on 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
-from fleetd.keys import UNITS_CHANGED, KeyLayout, Kind, ParsedKey
+from fleetd.keys import UNITS_CHANGED, KeyLayout, Kind
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState, shared
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
@@ -154,6 +155,20 @@ def _load(value: bytes | str) -> Any:
         raise ValueError("registry value nested too deeply") from None
 
 
+_DESIRED_STATES: dict[str, DesiredState] = {state.value: state for state in DesiredState}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _name_refusal(name: str) -> str | None:
+    """Why systemd would refuse the unit name, or None. Every unit's name comes in four keys
+    (unit, desired, owner, state) and again in every watch event of them: validate it once."""
+    try:
+        parse_unit_name(name)
+    except InvalidUnitName as exc:
+        return str(exc)
+    return None
+
+
 # ---------------------------------------------------------------------------------- snapshot
 
 
@@ -227,44 +242,45 @@ class Snapshot:
         """
         if not key.startswith(layout.prefix):
             return None
-        self.revision = max(self.revision, mod_revision)
-        self.refused.pop(key, None)
-        parsed = layout.parse(key)
-        reason: str | None = None
-        if parsed is not None and parsed.kind is Kind.META:
+        if mod_revision > self.revision:
+            self.revision = mod_revision
+        if self.refused:
+            self.refused.pop(key, None)
+        parts = layout.split(key)
+        if parts is not None and parts[0] is Kind.META:
             # The registry's own bookkeeping: read by claims in etcd, nothing to picture here.
-            if parsed.name == UNITS_CHANGED:
+            if parts[1] == UNITS_CHANGED:
                 return None
-            parsed = None
-        if parsed is None:
-            reason = "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
-        elif parsed.kind is not Kind.MACHINE:
-            try:
-                parse_unit_name(parsed.name)
-            except InvalidUnitName as exc:
-                reason = str(exc)
-        too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
-        if reason is None and parsed is not None and parsed.kind is Kind.UNIT and too_large:
-            # fleetctl never stores more; a larger value came from another writer, and an
-            # agent does not build a file from it.
-            assert value is not None
-            reason = (
-                f"stored unit of {len(value)} bytes exceeds the limit of "
-                f"{MAX_UNIT_VALUE_BYTES} bytes"
+            parts = None
+        if parts is None:
+            reason: str | None = (
+                "not a key fleet knows (expected unit/, desired/, owner/, machine/, ...)"
             )
-            self._delete(parsed)
-        if reason is None and parsed is not None:
-            if parsed.kind is not Kind.STATE:
-                self.changes.add((parsed.kind, parsed.name))
-            # A valid put replaces whatever the key held; a refused one leaves nothing behind.
-            self._delete(parsed)
-            if value is not None:
-                try:
-                    self._put(parsed, value, mod_revision, create_revision)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    reason = f"undecodable value: {_brief(exc)}"
-        if parsed is not None and parsed.kind is not Kind.MACHINE:
-            self._forget_name(parsed.name)
+        else:
+            kind, name, machine_id = parts
+            reason = None if kind is Kind.MACHINE else _name_refusal(name)
+            too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
+            if reason is None and kind is Kind.UNIT and too_large:
+                # fleetctl never stores more; a larger value came from another writer, and an
+                # agent does not build a file from it.
+                assert value is not None
+                reason = (
+                    f"stored unit of {len(value)} bytes exceeds the limit of "
+                    f"{MAX_UNIT_VALUE_BYTES} bytes"
+                )
+                self._delete(kind, name, machine_id)
+            if reason is None:
+                if kind is not Kind.STATE:
+                    self.changes.add((kind, name))
+                # A valid put replaces whatever the key held; a refused one leaves nothing.
+                self._delete(kind, name, machine_id)
+                if value is not None:
+                    try:
+                        self._put(kind, name, machine_id, value, mod_revision, create_revision)
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        reason = f"undecodable value: {_brief(exc)}"
+            if kind is not Kind.MACHINE:
+                self._forget_name(name)
         if reason is not None and value is not None:
             self.refused[key] = reason
             return reason
@@ -305,76 +321,63 @@ class Snapshot:
         else:
             self._texts[hash_] = (entry[0], entry[1] - 1)
 
-    def _delete(self, parsed: ParsedKey) -> None:
-        if parsed.kind is Kind.STATE:
+    def _delete(self, kind: Kind, name: str, machine_id: str) -> None:
+        if kind is Kind.STATE:
             # Replaced, not changed: copies share these maps.
-            per = self.states.get(parsed.name)
-            if per is not None and parsed.machine_id in per:
-                rest = {m: s for m, s in per.items() if m != parsed.machine_id}
+            per = self.states.get(name)
+            if per is not None and machine_id in per:
+                rest = {m: s for m, s in per.items() if m != machine_id}
                 if rest:
-                    self.states[parsed.name] = rest
+                    self.states[name] = rest
                 else:
-                    del self.states[parsed.name]
+                    del self.states[name]
             return
-        if parsed.kind is Kind.UNIT:
-            gone = self.units.pop(parsed.name, None)
+        if kind is Kind.UNIT:
+            gone = self.units.pop(name, None)
             if gone is not None:
                 self._drop_text(gone)
             return
-        maps: dict[Kind, dict[str, Any]] = {
-            Kind.UNIT: self.units,
-            Kind.DESIRED: self.desired,
-            Kind.OWNER: self.owners,
-            Kind.MACHINE: self.machines,
-            Kind.MOVE: self.moves,
-        }
-        maps[parsed.kind].pop(parsed.name, None)
+        self._map(kind).pop(name, None)
+
+    def _map(self, kind: Kind) -> dict[str, Any]:
+        # Compared by identity: an enum member hashes in Python code, slow for a per-key lookup.
+        if kind is Kind.UNIT:
+            return self.units
+        if kind is Kind.DESIRED:
+            return self.desired
+        if kind is Kind.OWNER:
+            return self.owners
+        if kind is Kind.MACHINE:
+            return self.machines
+        if kind is Kind.MOVE:
+            return self.moves
+        raise ValueError(f"no map of {kind}")
 
     def _put(
-        self, parsed: ParsedKey, value: bytes, mod_revision: int, create_revision: int
+        self,
+        kind: Kind,
+        name: str,
+        machine_id: str,
+        value: bytes,
+        mod_revision: int,
+        create_revision: int,
     ) -> None:
-        name = parsed.name if parsed.kind is Kind.MACHINE else self._name(parsed.name)
-        if parsed.kind is Kind.DESIRED:
-            self.desired[name] = Desired(DesiredState(value.decode()), mod_revision)
-        elif parsed.kind is Kind.MOVE:
+        if kind is not Kind.MACHINE:
+            name = self._name(name)
+        if kind is Kind.DESIRED:
+            text = value.decode()
+            # The enum's own call raises the error (and message) of an unknown state.
+            state = _DESIRED_STATES.get(text) or DesiredState(text)
+            self.desired[name] = Desired(state, mod_revision)
+        elif kind is Kind.MOVE:
             self.moves[name] = value.decode()
         else:
             data = _load(value)
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            if parsed.kind is Kind.UNIT:
-                if not isinstance(data["text"], str):
-                    raise TypeError("unit text is not a string")
-                # The agents compare this hash with the file they wrote: one that is not the
-                # text's own would make the owner reload and restart the unit every round.
-                hash_ = shared(str(data["hash"]))
-                if hash_ != content_hash(data["text"]):
-                    raise ValueError("its hash is not the hash of its text")
-                self.units[name] = UnitRecord(
-                    name, self._text(data["text"], hash_), hash_, mod_revision
-                )
-            elif parsed.kind is Kind.OWNER:
-                # Mostly one revision (the claim created the key): then one int object.
-                created = create_revision or mod_revision
-                self.owners[name] = Owner(
-                    shared(str(data["machine_id"])),
-                    mod_revision if created == mod_revision else created,
-                    mod_revision,
-                )
-            elif parsed.kind is Kind.MACHINE:
-                metadata: Mapping[str, str] = {
-                    str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
-                }
-                self.machines[name] = Machine(
-                    str(data["id"]),
-                    str(data.get("public_ip", "")),
-                    metadata,
-                    str(data.get("version", "")),
-                    str(data.get("name", "")),
-                )
-            elif parsed.kind is Kind.STATE:
-                machine_id = shared(parsed.machine_id)
-                state = PublishedState(
+            if kind is Kind.STATE:
+                machine_id = shared(machine_id)
+                published = PublishedState(
                     machine_id,
                     shared(str(data["load"])),
                     shared(str(data["active"])),
@@ -385,4 +388,34 @@ class Snapshot:
                     _container(data.get("container")),
                 )
                 # Replaced, not changed: copies share these maps.
-                self.states[name] = {**self.states.get(name, {}), machine_id: state}
+                self.states[name] = {**self.states.get(name, {}), machine_id: published}
+            elif kind is Kind.UNIT:
+                if not isinstance(data["text"], str):
+                    raise TypeError("unit text is not a string")
+                # The agents compare this hash with the file they wrote: one that is not the
+                # text's own would make the owner reload and restart the unit every round.
+                hash_ = shared(str(data["hash"]))
+                if hash_ != content_hash(data["text"]):
+                    raise ValueError("its hash is not the hash of its text")
+                self.units[name] = UnitRecord(
+                    name, self._text(data["text"], hash_), hash_, mod_revision
+                )
+            elif kind is Kind.OWNER:
+                # Mostly one revision (the claim created the key): then one int object.
+                created = create_revision or mod_revision
+                self.owners[name] = Owner(
+                    shared(str(data["machine_id"])),
+                    mod_revision if created == mod_revision else created,
+                    mod_revision,
+                )
+            elif kind is Kind.MACHINE:
+                metadata: Mapping[str, str] = {
+                    str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()
+                }
+                self.machines[name] = Machine(
+                    str(data["id"]),
+                    str(data.get("public_ip", "")),
+                    metadata,
+                    str(data.get("version", "")),
+                    str(data.get("name", "")),
+                )

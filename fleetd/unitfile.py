@@ -88,6 +88,9 @@ def default_unit_name(argument: str) -> str:
     return base
 
 
+# Cached: every layer validates the same names again and again (each registry key of a unit, each
+# listing row, each placement); a refused name raises anew each time.
+@functools.lru_cache(maxsize=1 << 16)
 def parse_unit_name(name: str) -> UnitName:
     """Validate `name` as systemd validates a unit file name and split it; InvalidUnitName says
     what is wrong.
@@ -160,7 +163,8 @@ class UnitOption:
     line: int
 
 
-@dataclass(frozen=True, slots=True)
+# No slots: `description` is cached on the instance, and there is one per distinct text.
+@dataclass(frozen=True)
 class UnitFile:
     """A parsed unit file. The text is kept verbatim: `fleetctl cat` prints it unchanged and
     its sha1 is the content hash every layer compares."""
@@ -184,7 +188,9 @@ class UnitFile:
     def has_section(self, section: str) -> bool:
         return has_section(self.text, section)
 
-    @property
+    # Cached (frozen dataclasses allow it: the value lands in the instance dict, not a field):
+    # one parsed text serves every instance of a template in a listing.
+    @functools.cached_property
     def description(self) -> str:
         values = self.values("Unit", "Description")
         return values[-1] if values else ""
@@ -247,6 +253,22 @@ def parse_unit_file(text: str, source: str = "unit file") -> UnitFile:
     return UnitFile(text, tuple(options))
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def _parsed(text: str) -> UnitFile:
+    return parse_unit_file(text)
+
+
+def parsed_unit_file(text: str, source: str = "unit file") -> UnitFile:
+    """`parse_unit_file`, once per distinct text. The instances of a template share its text, and
+    listings and the placement loop ask for every one of them; the parse does not depend on the
+    source, which only names the file in an error (so a text that fails is parsed again, to
+    name this source)."""
+    try:
+        return _parsed(text)
+    except InvalidUnitFile:
+        return parse_unit_file(text, source)
+
+
 # --------------------------------------------------------------------------------------------
 # [X-Fleet]
 
@@ -302,6 +324,8 @@ class Requirements:
         return bool(self.region_of or self.region_conflicts or self.max_per_region is not None)
 
 
+_NO_REQUIREMENTS = Requirements()
+
 DEPRECATED_OPTIONS = {
     "X-ConditionMachineID": "MachineID",
     "X-ConditionMachineOf": "MachineOf",
@@ -333,6 +357,8 @@ _FALSE = frozenset({"false", "no", "0", "off", "f", "n", ""})
 
 def expand_specifiers(value: str, name: UnitName) -> str:
     """Expand %n %N %p %i (and %%) the way systemd would for this unit name."""
+    if "%" not in value:
+        return value
     table = {
         "n": name.name,
         "N": name.stem,
@@ -398,6 +424,10 @@ def parse_requirements(unit: UnitFile, name: str) -> Requirements:
     warnings, carried in `Requirements.warnings`, never errors: a fleet user's files must load.
     """
     unit_name = parse_unit_name(name)
+    if not any(option.section == XFLEET for option in unit.options):
+        # Nothing to expand or validate: every unit without the section asks for nothing, and
+        # most units of a large registry are such instances of one template.
+        return _NO_REQUIREMENTS
     if unit_name.is_template:
         return _template_requirements(unit, unit_name)
     return _parse_requirements(unit, unit_name, name)
@@ -581,7 +611,7 @@ def any_glob_match(patterns: Iterable[str], name: str) -> str | None:
 def requirements_for(text: str, name: str) -> Requirements:
     """Parse and validate once per (content, name). Equal answers are one object: the instances
     of a template mostly ask the same of their machine."""
-    req = parse_requirements(parse_unit_file(text, name), name)
+    req = parse_requirements(parsed_unit_file(text, name), name)
     # Warnings do not take part in equality, so they are part of the key.
     key = (req, req.warnings)
     found = _requirements.get(key)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fleetctl import output
 from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState
@@ -76,6 +78,39 @@ def lines(text: str) -> list[list[str]]:
 )
 def test_tabulate_pads_with_tabs_to_tab_stops(cells: list[list[str]], expected: str) -> None:
     assert output.tabulate(cells) == expected
+
+
+def reference_tabulate(lines: list[list[str]]) -> str:
+    """fleet's tabwriter rule spelled out cell by cell: a column is as wide as its longest
+    non-empty cell plus one, rounded up to a tab stop; every cell but a row's last is padded to
+    it with tabs."""
+    if not lines:
+        return ""
+    out = []
+    for line in lines:
+        text = ""
+        for i, cell in enumerate(line[:-1]):
+            width = max((len(row[i]) + 1 for row in lines if row[i]), default=0)
+            stop = -(-width // 8) * 8
+            text += cell + "\t" * (-(-(stop - len(cell)) // 8) if width else 0)
+        out.append(text + line[-1] + "\n")
+    return "".join(out)
+
+
+@given(
+    st.integers(min_value=1, max_value=4).flatmap(
+        lambda count: st.lists(
+            st.lists(st.text("ab-./", max_size=20), min_size=count, max_size=count), max_size=6
+        )
+    )
+)
+def test_tabulate_matches_the_rule_cell_by_cell(cells: list[list[str]]) -> None:
+    assert output.tabulate(cells) == reference_tabulate(cells)
+
+
+def test_tabulate_refuses_ragged_rows() -> None:
+    with pytest.raises(ValueError, match="same number of cells"):
+        output.tabulate([["a", "b"], ["c"]])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ from fleetd.unitfile import (
     parse_requirements,
     parse_unit_file,
     parse_unit_name,
+    parsed_unit_file,
+    requirements_for,
     template_group,
 )
 
@@ -228,6 +230,50 @@ def test_defaults_without_an_x_fleet_section() -> None:
     assert req == Requirements()
     assert req.spread is Spread.ZONE
     assert not req.uses_zone and not req.uses_region
+
+
+def test_units_without_x_fleet_ask_for_nothing_whatever_their_name() -> None:
+    text = "[Unit]\nDescription=x %i\n\n[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n"
+    for name in ("a.service", "web@.service", "web@1.service", "web@2.service"):
+        assert requirements_for(text, name) == Requirements()
+        assert requirements_for(text, name).warnings == ()
+    # The name is still checked, though the section asks for nothing.
+    with pytest.raises(InvalidUnitName):
+        requirements_for(text, "web@1.mount")
+
+
+def test_instances_sharing_a_text_get_their_own_rules() -> None:
+    text = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineMetadata=zone=%i\n"
+    assert requirements_for(text, "web@a.service").metadata == (MetadataRule("zone", "a"),)
+    assert requirements_for(text, "web@b.service").metadata == (MetadataRule("zone", "b"),)
+    own = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineOf=db@1.service\n"
+    assert requirements_for(own, "web@1.service").machine_of == ("db@1.service",)
+    with pytest.raises(InvalidUnitFile, match="names the unit itself"):
+        requirements_for(own, "db@1.service")
+
+
+def test_a_parse_shared_by_text_still_names_each_source_in_its_error() -> None:
+    good = "[Unit]\nDescription=shared\n"
+    assert parsed_unit_file(good, "a.service") is parsed_unit_file(good, "b.service")
+    assert parsed_unit_file(good, "a.service").description == "shared"
+    bad = "[Unit]\nnot an option\n"
+    for source in ("a.service", "b.service"):
+        with pytest.raises(InvalidUnitFile, match=f"^{source}: line 2"):
+            parsed_unit_file(bad, source)
+
+
+def test_a_refused_unit_name_is_refused_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(InvalidUnitName, match="unit type suffix"):
+            parse_unit_name("web@1.bogus")
+    assert parse_unit_name("web@1.service") is parse_unit_name("web@1.service")
+
+
+def test_values_without_specifiers_are_left_as_they_are() -> None:
+    name = parse_unit_name("web@1.service")
+    assert expand_specifiers("plain 100% sure", name) == "plain 100% sure"
+    assert expand_specifiers("no specifier", name) == "no specifier"
+    assert expand_specifiers("%p on %i, %%", name) == "web on 1, %"
 
 
 @pytest.mark.parametrize(

@@ -518,6 +518,39 @@ CHECKERS: tuple[Checker, ...] = (
 )
 
 
+# What decides alone for a plain unit (below): the machine's own properties.
+STATIC_CHECKERS: tuple[Checker, ...] = (check_machine_id, check_metadata, check_topology)
+
+
+def is_plain(view: View, unit: str, req: Requirements) -> bool:
+    """Whether only machine-static rules and the spread decide where `unit` goes."""
+    if (
+        req.global_
+        or req.machine_of
+        or req.zone_of
+        or req.region_of
+        or req.conflicts
+        or req.zone_conflicts
+        or req.region_conflicts
+        or req.replaces
+        or req.max_per_machine is not None
+        or req.max_per_zone is not None
+        or req.max_per_region is not None
+        or unit in view.snapshot.moves
+    ):
+        return False
+    declaring = view.conflictors | view.zone_conflictors | view.region_conflictors
+    declaring |= view.replacers
+    for other in declaring:
+        theirs = view.requirements.get(other)
+        if theirs is not None and any_glob_match(
+            theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,
+            unit,
+        ):
+            return False
+    return True
+
+
 def feasible(
     unit: str, req: Requirements, machine: Machine, view: View, before: int | None = None
 ) -> Verdict:
@@ -728,8 +761,16 @@ def recheck(snapshot: Snapshot, unit: str, machine_id: str, view: View | None = 
     machine = view.machines.get(machine_id)
     if machine is None:
         return refuse("machine is not in the cluster")
+    req = view.requirements[unit]
+    if is_plain(view, unit, req):
+        # Every other checker passes a plain unit everywhere, whatever was there first.
+        for checker in STATIC_CHECKERS:
+            verdict = checker(unit, req, machine, view, None)
+            if not verdict.ok:
+                return verdict
+        return OK
     before = view.revision.get(unit, PLANNED)
-    return feasible(unit, view.requirements[unit], machine, view, before)
+    return feasible(unit, req, machine, view, before)
 
 
 def explain(snapshot: Snapshot, unit: str) -> Placement:

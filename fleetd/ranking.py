@@ -29,49 +29,19 @@ from collections.abc import Iterator
 
 from fleetd.placement import (
     RING,
+    STATIC_CHECKERS,
     Placement,
     View,
-    check_machine_id,
-    check_metadata,
-    check_topology,
+    is_plain,
     ring_position,
 )
-from fleetd.unitfile import Requirements, Spread, any_glob_match, template_group
+from fleetd.unitfile import Requirements, Spread, template_group
 
 # Classes kept at once; past that the least recently used is dropped (and built again if asked).
 MAX_CLASSES = 16
 
 Key = tuple[int, ...]
 Ranked = Iterator[tuple[Key, int, str]]  # (spread terms, ring distance, machine), ascending
-
-
-def is_plain(view: View, unit: str, req: Requirements) -> bool:
-    """Whether only machine-static rules and the spread decide where `unit` goes."""
-    if (
-        req.global_
-        or req.machine_of
-        or req.zone_of
-        or req.region_of
-        or req.conflicts
-        or req.zone_conflicts
-        or req.region_conflicts
-        or req.replaces
-        or req.max_per_machine is not None
-        or req.max_per_zone is not None
-        or req.max_per_region is not None
-        or unit in view.snapshot.moves
-    ):
-        return False
-    declaring = view.conflictors | view.zone_conflictors | view.region_conflictors
-    declaring |= view.replacers
-    for other in declaring:
-        theirs = view.requirements.get(other)
-        if theirs is not None and any_glob_match(
-            theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,
-            unit,
-        ):
-            return False
-    return True
 
 
 class _Leaf:
@@ -125,7 +95,7 @@ class _Class:
         self.leaf_of: dict[str, _Leaf] = {}
         self.root: _Node | _Leaf = _Leaf() if not self.levels else {}
         for machine_id, machine in view.machines.items():
-            for check in (check_machine_id, check_metadata, check_topology):
+            for check in STATIC_CHECKERS:
                 verdict = check(example, req, machine, view, None)
                 if not verdict.ok:
                     self.refusals[machine_id] = verdict.reason

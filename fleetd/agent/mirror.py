@@ -53,6 +53,7 @@ class Mirror:
         self._copy: tuple[tuple[int, int], Snapshot] | None = None
         self._view: tuple[Snapshot, View] | None = None
         self._counts: tuple[Snapshot, Mapping[str, int]] | None = None
+        self._bids: tuple[Mapping[str, Placement], dict[str, dict[str, Placement]]] | None = None
         self._plan_lock = threading.Lock()
         self._planner: tuple[int, IncrementalPlanner] | None = None
         self._plan: tuple[tuple[int, int, int], Snapshot, Mapping[str, Placement]] | None = None
@@ -98,6 +99,19 @@ class Mirror:
         with self._lock:
             self._view = (snap, view)
         return view
+
+    def bids(self, plan: Mapping[str, Placement], me: str) -> Mapping[str, Placement]:
+        """The units of `plan` that machine `me` may bid for (it is among their first
+        BID_DEPTH), indexed once per plan for every agent of the mirror: a round then costs the
+        machine's own bids, not the whole window of the plan."""
+        with self._lock:
+            if self._bids is None or self._bids[0] is not plan:
+                index: dict[str, dict[str, Placement]] = {}
+                for unit, placement in plan.items():
+                    for machine_id in placement.ranked[:BID_DEPTH]:
+                        index.setdefault(machine_id, {})[unit] = placement
+                self._bids = (plan, index)
+            return self._bids[1].get(me, {})
 
     def desired_counts(self, snap: Snapshot) -> Mapping[str, int]:
         """The registry's units by desired state (for the metrics), counted once per copy:

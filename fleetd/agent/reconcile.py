@@ -101,7 +101,8 @@ class Reconciler:
     ) -> None:
         assert view.lease_id is not None
         now = self.clock()
-        claim_plan = plan_claims(placements, self.me, self._first_seen, now, self.stagger())
+        mine = self.mirror.bids(placements, self.me)
+        claim_plan = plan_claims(mine, self.me, self._first_seen, now, self.stagger())
         self._first_seen = dict(claim_plan.first_seen)
         self.next_wake = claim_plan.next_wake
         claimed = False

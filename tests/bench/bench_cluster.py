@@ -114,6 +114,17 @@ def log_times(directory: Path, pattern: str, since: float) -> list[float]:
     return stamps
 
 
+def takeover(directory: Path, label: str, wall: float, total: float) -> None:
+    """Where a takeover's time went, from the survivors' logs: when the first claim landed
+    (the dead machine's keys seen gone), the last claim, the last start call."""
+    claims = log_times(directory, "claimed hello@", wall)
+    starts = log_times(directory, "start hello@", wall)
+    if claims and starts:
+        print(f"{label} breakdown: first claim at {min(claims) - wall:.2f} s; last claim at "
+              f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; all "
+              f"seen active by the 0.25 s listing poll at {total:.2f} s")
+
+
 FLOOR_WORKER = r"""
 import sys, time
 from pathlib import Path
@@ -230,12 +241,14 @@ def main() -> None:
 
         holding = active_by_machine(env)
         victim = max(machines, key=lambda m: holding.get(names[m], 0))
+        wall = time.time()
         start = time.monotonic()
         lc(directory, "kill", victim)
         wait_active(env, n, 600, skip=names[victim])
         w3 = time.monotonic() - start
         print(f"W3: kill {victim} holding {holding.get(names[victim], 0)} units: all {n} active "
               f"elsewhere in {w3:.2f} s (TTL + {w3 - args.ttl:.2f} s)")
+        takeover(Path(directory), "W3", wall, w3)
 
         lc(directory, "start", victim)
         deadline = time.monotonic() + 60
@@ -243,12 +256,14 @@ def main() -> None:
             time.sleep(0.2)
         holding = active_by_machine(env, skip=names[victim])
         second = max((m for m in machines if m != victim), key=lambda m: holding.get(names[m], 0))
+        wall = time.time()
         start = time.monotonic()
         lc(directory, "halt", second)
         wait_active(env, n, 600, skip=names[second])
         w4 = time.monotonic() - start
         print(f"W4: halt {second} holding {holding.get(names[second], 0)} units: all {n} active "
               f"elsewhere in {w4:.2f} s")
+        takeover(Path(directory), "W4", wall, w4)
         print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores, shared)")
     finally:
         subprocess.run([*LC, "--dir", directory, "destroy"], capture_output=True, check=False)

@@ -14,6 +14,7 @@ from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
 from fleetd.model import DesiredState, Machine
 from fleetd.placement import claim_guards, plan_placements
+from fleetd.planner import BID_DEPTH
 from fleetd.snapshot import Snapshot, UnitRecord
 from fleetd.unitfile import content_hash
 
@@ -155,3 +156,20 @@ def test_agents_joining_together_share_one_read_but_never_an_older_one() -> None
     # Without a token, sync always reads.
     mirror.sync()
     assert registry.reads == 5
+
+
+def test_a_machines_bids_are_the_units_that_rank_it_high_enough() -> None:
+    registry = FakeRegistry()
+    lease = registry.grant_lease(10)
+    for i in range(12):
+        registry.register_machine(Machine(f"m{i:02d}", name=f"m{i:02d}"), lease)
+    records = [UnitRecord(f"web@{i}.service", text(""), content_hash(text(""))) for i in range(30)]
+    registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    mirror = Mirror(registry, lambda: None)
+    mirror.sync()
+    _, plan = mirror.plan(lambda s: 100)
+    for i in range(12):
+        me = f"m{i:02d}"
+        expected = {u: p for u, p in plan.items() if me in p.ranked[:BID_DEPTH]}
+        assert dict(mirror.bids(plan, me)) == expected
+    assert mirror.bids(plan, "nobody") == {}

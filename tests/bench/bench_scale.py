@@ -197,6 +197,9 @@ def main() -> None:
             print("slowest passes: " + ", ".join(
                 f"#{i + 1} {times[i]:.0f} ms ({evaluations[i]} evaluations)" for i in slowest
             ) + " (#1 builds the planner from the whole registry)")
+            claims = host.claims
+            print(f"claims: {claims.won} won, {claims.lost} lost "
+                  f"({claims.lost / max(1, claims.won + claims.lost):.1%} of claim transactions)")
             print(f"etcd proposals per placement: {written / args.units:.2f} "
                   "(unit writes, claims and published states)")
             low, high = min(loads.values()), max(loads.values())

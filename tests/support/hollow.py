@@ -35,6 +35,7 @@ from fleetd.agent.mirror import Mirror
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
 from fleetd.fake_systemd import FakeUnitManager
+from fleetd.metrics import Metrics
 from fleetd.placement import Placement
 from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import Snapshot
@@ -42,6 +43,23 @@ from fleetd.snapshot import Snapshot
 log = logging.getLogger("fleetd")
 
 WORKERS = 8  # reconcile rounds run side by side in one turn
+
+
+class ClaimCounter(Metrics):
+    """Claims won and lost by all the hollow machines: the conflict fraction of optimistic,
+    leaderless placement (each lost claim is a transaction etcd refused)."""
+
+    def __init__(self) -> None:
+        self.won = 0
+        self.lost = 0
+        self._lock = threading.Lock()
+
+    def claim(self, won: bool) -> None:
+        with self._lock:
+            if won:
+                self.won += 1
+            else:
+                self.lost += 1
 
 
 class HeldMirror(Mirror):
@@ -97,6 +115,7 @@ class HollowHost:
         self._changed = threading.Event()
         self.mirror = HeldMirror(self.registry, self._changed.set)
         self.machines: dict[str, Hollow] = {}
+        self.claims = ClaimCounter()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -115,7 +134,10 @@ class HollowHost:
             claim_stagger=self.stagger,
         )
         manager = FakeUnitManager()
-        agent = Agent(config, self.registry, manager, owns_registry=False, mirror=self.mirror)
+        agent = Agent(
+            config, self.registry, manager, owns_registry=False, mirror=self.mirror,
+            metrics=self.claims,
+        )
         agent.start_up()
         hollow = Hollow(name, agent, manager)
         with self._lock:
@@ -214,4 +236,4 @@ class HollowHost:
         self.registry.close()
 
 
-__all__ = ["Hollow", "HollowHost"]
+__all__ = ["ClaimCounter", "Hollow", "HollowHost"]

@@ -62,6 +62,7 @@ class Mirror:
         # about 8 MB.
         self.plan_times: deque[float] = deque(maxlen=PLAN_HISTORY)
         self.plan_evaluations: deque[int] = deque(maxlen=PLAN_HISTORY)
+        self.plan_events: deque[int] = deque(maxlen=PLAN_HISTORY)  # keys each pass took in
 
     def share(self, wake: Callable[[], None]) -> Mirror:
         """Another agent of this process uses this mirror too; `wake` rouses it on changes."""
@@ -157,6 +158,7 @@ class Mirror:
             if planned is not None:
                 planned(took)
             self.plan_evaluations.append(planner.evaluations - evaluated)
+            self.plan_events.append(len(changes))
             self._plan = (key, snap, plan)
             return snap, plan
 

@@ -168,6 +168,7 @@ def main() -> None:
             before = proposals(endpoint)
             mirror.plan_times.clear()
             mirror.plan_evaluations.clear()
+            mirror.plan_events.clear()
             start = time.monotonic()
             submit(endpoint, prefix, {n: text for n in sorted(names)})
             submitted = time.monotonic() - start
@@ -184,6 +185,7 @@ def main() -> None:
                 loads[snap.owners[name].machine_id] += 1
             times = [t * 1000 for t in mirror.plan_times]
             evaluations = list(mirror.plan_evaluations)
+            per_event = [t / max(1, e) for t, e in zip(times, mirror.plan_events, strict=False)]
             print(f"placement: {args.units} units on {args.machines} hollow machines: "
                   f"submitted in {submitted:.1f} s, all claimed at {claimed:.1f} s, "
                   f"all active at {active:.1f} s")
@@ -193,6 +195,9 @@ def main() -> None:
                   f"p99 {percentile(times, 0.99):.1f} ms, max {max(times, default=0):.1f} ms "
                   f"over {len(times)} passes; evaluations per pass p50 "
                   f"{percentile([float(e) for e in evaluations], 0.5):.0f}")
+            print(f"planning per watch event (a pass's time over the changed keys it took "
+                  f"in): p50 {percentile(per_event, 0.5):.2f} ms, "
+                  f"p99 {percentile(per_event, 0.99):.2f} ms")
             slowest = sorted(range(len(times)), key=lambda i: -times[i])[:3]
             print("slowest passes: " + ", ".join(
                 f"#{i + 1} {times[i]:.0f} ms ({evaluations[i]} evaluations)" for i in slowest

@@ -372,6 +372,8 @@ class Agent:
             log.error("could not take every unit down, keeping the lease to expire by itself "
                       "after the guard stops them: %s", exc)
             return
+        # The lease loop must not join again with a new lease once this one is given back.
+        self._join_loops()
         self.keeper.revoke()
         try:
             loaded = self.manager.loaded_units()

@@ -5,7 +5,7 @@ authentication).
 The roles confine fleet to its key prefix and give each party write access only where it writes:
 
     fleet-agent    read the prefix; write owner/, machine/, state/   (what fleetd writes)
-    fleet-admin    read the prefix; write unit/, desired/, move/      (what fleetctl writes)
+    fleet-admin    read the prefix; write unit/, desired/, move/, meta/ (what fleetctl writes)
     fleet-viewer   read the prefix                                    (list and status only)
 
 One user per role (`fleet-agent`, `fleetctl`, `fleet-viewer`) with a random password kept in
@@ -32,7 +32,7 @@ VIEWER_USER = "fleet-viewer"
 # role -> the sub-prefixes (under the fleet prefix) it may write; every role reads the prefix.
 ROLE_WRITES: Mapping[str, tuple[str, ...]] = {
     "fleet-agent": ("owner/", "machine/", "state/"),
-    "fleet-admin": ("unit/", "desired/", "move/"),
+    "fleet-admin": ("unit/", "desired/", "move/", "meta/"),
     "fleet-viewer": (),
 }
 USER_ROLES: Mapping[str, str] = {

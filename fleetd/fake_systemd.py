@@ -27,12 +27,12 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
-from fleetd.errors import InvalidUnitFile, SystemdError
+from fleetd.errors import InvalidUnitFile, InvalidUnitName, SystemdError
 from fleetd.model import SystemdState
 from fleetd.snapshot import UnitRecord, check_unit_size
 from fleetd.unitfile import content_hash, has_section, parse_unit_file, parse_unit_name
@@ -139,6 +139,15 @@ class FakeUnitManager:
             self._enabled.add(name)
         else:
             self._enabled.discard(name)
+
+    def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
+        failures: dict[str, Exception] = {}
+        for name, text in units.items():
+            try:
+                self.load(name, text)
+            except (SystemdError, InvalidUnitName, InvalidUnitFile) as exc:
+                failures[name] = exc
+        return failures
 
     @_locked
     def reload(self) -> None:

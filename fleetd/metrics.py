@@ -240,6 +240,10 @@ class InstrumentedUnitManager:
         with self._measure("load"):
             self.inner.load(name, text)
 
+    def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
+        with self._measure("load"):
+            return self.inner.load_many(units)
+
     def reload(self) -> None:
         with self._measure("reload"):
             self.inner.reload()

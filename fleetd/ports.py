@@ -136,6 +136,12 @@ class UnitManager(Protocol):
         does not list it. A unit with an [Install] section is also enabled (runtime)."""
         ...
 
+    def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
+        """`load` for several units (name -> text) at once, as few manager calls as the
+        manager allows; each unit is loaded or not on its own. Returns the error of each unit
+        that was not loaded (empty: all were)."""
+        ...
+
     def reload(self) -> None:
         """Make the manager re-read unit files (daemon-reload)."""
         ...

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from gi.repository import Gio, GLib
 from pydbus import SystemBus, connect
 
-from fleetd.errors import SystemdError
+from fleetd.errors import InvalidUnitName, SystemdError, UnitTooLarge
 from fleetd.model import SystemdState
 from fleetd.podman import PodmanProbe, runtime_dir
 from fleetd.snapshot import UnitRecord, check_unit_size
@@ -94,6 +94,60 @@ class DbusUnitManager:
                 self._bus.con.close_sync(None)
 
     def load(self, name: str, text: str) -> None:
+        path = self._write(name, text)
+        try:
+            self._link([name], [path], [name] if has_section(text, "Install") else [])
+            self._check_linked(name)
+        except SystemdError:
+            path.unlink(missing_ok=True)
+            raise
+        self._linked.add(name)
+
+    def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
+        failures: dict[str, Exception] = {}
+        written: dict[str, Path] = {}
+        for name, text in units.items():
+            try:
+                written[name] = self._write(name, text)
+            except (InvalidUnitName, UnitTooLarge, OSError, SystemdError) as exc:
+                failures[name] = exc
+        if not written:
+            return failures
+        installs = [n for n in written if has_section(units[n], "Install")]
+        try:
+            # One link call for all: linking is most of a load's cost.
+            self._link(list(written), list(written.values()), installs)
+        except SystemdError:
+            # One unit spoilt the call: each on its own, so only that one fails.
+            for name, path in written.items():
+                path.unlink(missing_ok=True)
+                try:
+                    self.load(name, units[name])
+                except SystemdError as exc:
+                    failures[name] = exc
+            return failures
+        for name, path in written.items():
+            try:
+                self._check_linked(name)
+            except SystemdError as exc:
+                path.unlink(missing_ok=True)
+                failures[name] = exc
+                continue
+            self._linked.add(name)
+        return failures
+
+    def _link(self, names: list[str], paths: list[Path], installs: list[str]) -> None:
+        label = names[0] if len(names) == 1 else f"{len(names)} units ({names[0]}, ...)"
+        self._call(label, "link", "LinkUnitFiles", [str(p) for p in paths], True, True)
+        if installs:
+            self._call(label, "enable", "EnableUnitFiles", installs, True, True)
+
+    def _check_linked(self, name: str) -> None:
+        state = self.unit_file_state(name)
+        if state not in _LINKED:
+            raise SystemdError(f"systemd did not link {name}: its file state is {state}")
+
+    def _write(self, name: str, text: str) -> Path:
         path = self._path(name)
         # The registry's size limit again: a file is only ever built from a unit fleetctl could
         # have stored.
@@ -115,17 +169,7 @@ class DbusUnitManager:
             os.fchmod(fd, UNIT_FILE_MODE)
             out.write(text)
         tmp.replace(path)
-        try:
-            self._call(name, "link", "LinkUnitFiles", [str(path)], True, True)
-            if has_section(text, "Install"):
-                self._call(name, "enable", "EnableUnitFiles", [name], True, True)
-            state = self.unit_file_state(name)
-            if state not in _LINKED:
-                raise SystemdError(f"systemd did not link {name}: its file state is {state}")
-        except SystemdError:
-            path.unlink(missing_ok=True)
-            raise
-        self._linked.add(name)
+        return path
 
     def reload(self) -> None:
         self._call("(all units)", "reload", "Reload")

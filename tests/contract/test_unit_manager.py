@@ -643,3 +643,26 @@ def test_a_queued_start_job_reads_activating(user_manager, tmp_path: Path) -> No
             manager.unload(name)
         manager.reload()
         manager.close()
+
+
+def test_load_many_loads_each_good_unit_and_reports_each_bad_one(backend: Backend) -> None:
+    """Several units in one call: the good ones are linked (and enabled where they have an
+    [Install] section) exactly as `load` would, the bad ones come back with their own error and
+    leave nothing behind."""
+    good = [backend.unit_name(f"many{i}") for i in range(3)]
+    installed = backend.unit_name("manyinst")
+    units = {name: looping_unit("v1", backend.out(name)) for name in good}
+    units[installed] = looping_unit("v1", backend.out(installed), install=True)
+    units["bad/name.service"] = FAILING_UNIT
+    units["huge.service"] = FAILING_UNIT + "#" * MAX_UNIT_VALUE_BYTES
+    failures = backend.manager.load_many(units)
+    assert set(failures) == {"bad/name.service", "huge.service"}
+    assert isinstance(failures["bad/name.service"], InvalidUnitName)
+    assert isinstance(failures["huge.service"], UnitTooLarge)
+    assert set(backend.manager.loaded_units()) == {*good, installed}
+    backend.manager.reload()
+    assert backend.manager.unit_file_state(good[0]) == "linked-runtime"
+    assert backend.manager.unit_file_state(installed) == "enabled-runtime"
+    backend.start(good[1])
+    assert backend.wait_active(good[1]) == SystemdState("loaded", "active", "running")
+    assert backend.manager.load_many({}) == {}

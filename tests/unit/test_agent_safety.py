@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -547,8 +547,8 @@ def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Clust
     cluster.submit({f"p{i}.service": unit(f"p{i}", pin) for i in range(5)})
     a.step()  # claims
     marks.clear()
-    a.step()  # loads, one reload, five starts
-    assert len(marks) == 5 + 1 + 5
+    a.step()  # the five loads in one call (then each load task), one reload, five starts
+    assert len(marks) == 1 + 5 + 1 + 5
     gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
     assert max(gaps) <= 1.0
 
@@ -598,3 +598,39 @@ def test_a_unit_in_transition_brings_the_next_round_soon_but_not_forever(
     # Back to steady, then a new transition: watched closely again.
     assert not reconciler._settling(up)
     assert reconciler._settling({"u.service": SystemdState("loaded", "deactivating", "stop")})
+
+
+def test_a_rounds_loads_go_in_one_call_after_the_stops_and_unloads_before_them(
+    cluster: Cluster,
+) -> None:
+    """A changed unit is stopped and unloaded before its new text is loaded, in the same round
+    as the other units' loads, which all go to the manager in one call."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    real_load_many, real_unload = manager.load_many, manager.unload
+
+    def load_many(units: Mapping[str, str]) -> dict[str, Exception]:
+        calls.append(("load_many", tuple(sorted(units))))
+        return real_load_many(units)
+
+    def unload(name: str) -> None:
+        calls.append(("unload", (name,)))
+        real_unload(name)
+
+    manager.load_many = load_many  # type: ignore[method-assign]
+    manager.unload = unload  # type: ignore[method-assign]
+    pin = f"MachineID={a.me}"
+    cluster.submit({f"p{i}.service": unit(f"p{i}", pin) for i in range(3)})
+    cluster.settle()
+    assert calls == [("load_many", ("p0.service", "p1.service", "p2.service"))]
+    calls.clear()
+    cluster.submit({"p0.service": unit("p0 v2", pin), "p1.service": unit("p1 v2", pin)})
+    cluster.settle()
+    assert calls == [
+        ("unload", ("p0.service",)),
+        ("unload", ("p1.service",)),
+        ("load_many", ("p0.service", "p1.service")),
+    ]
+    assert manager.loaded_units()["p0.service"] == content_hash(unit("p0 v2", pin))
+    assert cluster.running("p0.service") == {"a"} and cluster.running("p1.service") == {"a"}

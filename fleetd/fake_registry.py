@@ -245,6 +245,33 @@ class FakeRegistry:
 
         return self._write([(owner, encode_owner(machine_id).encode(), lease_id)], holds)
 
+    def claim_many(
+        self,
+        units: Mapping[str, int],
+        machine_id: str,
+        lease_id: int,
+        snapshot_revision: int,
+    ) -> dict[str, bool]:
+        self._reachable()
+        with self._lock:
+            # Every claim judged against the state before any of them, as etcd's nested
+            # transactions are; then the won ones committed together.
+            won = {
+                unit: self._data.get(self.layout.owner(unit)) is None
+                and self._mod(self.layout.desired(unit)) == desired
+                and self.layout.machine(machine_id) in self._data
+                and self._mod(self.layout.units_changed()) <= snapshot_revision
+                for unit, desired in sorted(units.items())
+            }
+            ops: list[_Op] = [
+                (self.layout.owner(u), encode_owner(machine_id).encode(), lease_id)
+                for u, ok in won.items()
+                if ok
+            ]
+            events = self._commit(ops) if ops else []
+        self._deliver(events)
+        return won
+
     def release(self, unit: str, machine_id: str) -> bool:
         owner = self.layout.owner(unit)
         mine = encode_owner(machine_id).encode()

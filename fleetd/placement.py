@@ -801,6 +801,9 @@ class Guards:
     prefixes: frozenset[str]
 
 
+NO_GUARDS = Guards({}, frozenset())
+
+
 def glob_literal_prefix(pattern: str) -> str:
     """The part of a glob before its first wildcard: every match starts with it."""
     for i, ch in enumerate(pattern):

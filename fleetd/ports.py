@@ -91,6 +91,19 @@ class Registry(Protocol):
         fact are unchanged since the snapshot, and the machine is present."""
         ...
 
+    def claim_many(
+        self,
+        units: Mapping[str, int],
+        machine_id: str,
+        lease_id: int,
+        snapshot_revision: int,
+    ) -> dict[str, bool]:
+        """`claim` of several units (unit -> the desired revision the snapshot shows) that
+        guard on nothing else, in one write: each is won or lost on its own, all judged against
+        the registry as it was before any of them. Only for claims whose guards are empty, so
+        that none could depend on another's owner key. Returns unit -> won."""
+        ...
+
     def release(self, unit: str, machine_id: str) -> bool:
         """Give up ownership, only if `machine_id` holds it."""
         ...

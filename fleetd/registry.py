@@ -600,6 +600,47 @@ class EtcdRegistry:
             compare = [*compare[:4], self._range_mod_below(owners_prefix, snapshot_revision + 1)]
         return self._txn(compare, [tx.put(owner, encode_owner(machine_id), lease=lease_id)])
 
+    def claim_many(
+        self,
+        units: Mapping[str, int],
+        machine_id: str,
+        lease_id: int,
+        snapshot_revision: int,
+    ) -> dict[str, bool]:
+        """One transaction of nested ones, one per unit (etcd judges every nested compare
+        against the state before the transaction, and commits each that holds)."""
+        tx = self._client.transactions
+        machine = tx.create(self.layout.machine(machine_id)) > 0
+        changed = tx.mod(self.layout.units_changed()) < snapshot_revision + 1
+        owner_value = encode_owner(machine_id)
+        won: dict[str, bool] = {}
+        names = sorted(units)
+        for start in range(0, len(names), MAX_TXN_OPS):
+            part = names[start : start + MAX_TXN_OPS]
+            nested = [
+                tx.txn(
+                    [
+                        tx.create(self.layout.owner(unit)) == 0,
+                        tx.mod(self.layout.desired(unit)) == units[unit],
+                        machine,
+                        changed,
+                    ],
+                    [tx.put(self.layout.owner(unit), owner_value, lease=lease_id)],
+                    [],
+                )
+                for unit in part
+            ]
+
+            def send(nested: list[Any] = nested) -> list[bool]:
+                _, responses = self._client.transaction([], nested, [])
+                return [bool(r.response_txn.succeeded) for r in responses]
+
+            # Safe to send again to the next endpoint: a part that did commit loses every
+            # claim the second time, and a lost claim means "re-read and decide again".
+            results: list[bool] = self._retrying(send)
+            won.update(zip(part, results, strict=True))
+        return won
+
     def _range_mod_below(self, prefix: str, revision: int) -> Any:
         compare = self._client.transactions.mod(prefix, range_end=range_end(prefix))
         return compare < revision

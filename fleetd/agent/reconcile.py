@@ -18,7 +18,7 @@ from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
 from fleetd.metrics import Metrics, count_by
 from fleetd.model import SystemdState
-from fleetd.placement import Placement, claim_guards
+from fleetd.placement import NO_GUARDS, Guards, Placement, claim_guards
 from fleetd.planner import TaskKind, plan_claims, plan_local, still_started
 from fleetd.ports import Registry, UnitManager
 from fleetd.snapshot import Snapshot
@@ -107,32 +107,50 @@ class Reconciler:
         self.next_wake = claim_plan.next_wake
         claimed = False
         index = self.mirror.view(snap) if claim_plan.claims else None
+        reasons = {task.unit: task.reason for task in claim_plan.claims}
+        single: list[tuple[str, Guards]] = []
+        free: dict[str, int] = {}
         for task in claim_plan.claims:
             desired = snap.desired.get(task.unit)
-            try:
-                ok = self.registry.claim(
-                    task.unit,
-                    self.me,
-                    view.lease_id,
-                    snap.revision,
-                    desired.revision if desired else 0,
-                    claim_guards(snap, task.unit, index),
-                )
-            except RegistryUnavailable as exc:
-                # etcd is out of reach: the other claims would wait as long for nothing, but
-                # this round still drives systemd.
-                log.warning("claims stopped at %s: %s", task.unit, exc)
-                break
-            except Exception as exc:
-                log.exception("claim of %s failed: %s", task.unit, exc)
-                continue
+            guards = claim_guards(snap, task.unit, index)
+            if guards.exact or guards.prefixes:
+                single.append((task.unit, guards))
+            else:
+                free[task.unit] = desired.revision if desired else 0
+        results: dict[str, bool] = {}
+        try:
+            # Claims that guard on no other unit cannot depend on one another: one write.
+            if len(free) > 1:
+                results = self.registry.claim_many(free, self.me, view.lease_id, snap.revision)
+            else:
+                single = [(u, NO_GUARDS) for u in free] + single
+            for unit, guards in single:
+                desired = snap.desired.get(unit)
+                try:
+                    results[unit] = self.registry.claim(
+                        unit,
+                        self.me,
+                        view.lease_id,
+                        snap.revision,
+                        desired.revision if desired else 0,
+                        guards,
+                    )
+                except RegistryUnavailable:
+                    raise
+                except Exception as exc:
+                    log.exception("claim of %s failed: %s", unit, exc)
+        except RegistryUnavailable as exc:
+            # etcd is out of reach: the other claims would wait as long for nothing, but this
+            # round still drives systemd.
+            log.warning("claims stopped: %s", exc)
+        for unit, ok in results.items():
             self.metrics.claim(won=ok)
             if ok:
                 claimed = True
-                log.info("claimed %s: %s", task.unit, task.reason)
+                log.info("claimed %s: %s", unit, reasons[unit])
             else:
                 log.debug("claim of %s lost: the registry changed since revision %s",
-                          task.unit, snap.revision)
+                          unit, snap.revision)
         if claimed:
             # Act on our own claims as soon as the watch shows them.
             self.wake()

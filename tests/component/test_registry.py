@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fleetd.model import DesiredState, Machine
-from fleetd.placement import Guards
+from fleetd.placement import NO_GUARDS, Guards
 from fleetd.registry import MAX_TXN_OPS, EtcdRegistry
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
@@ -14,7 +14,7 @@ from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
 
 pytestmark = pytest.mark.component
 
-NO_GUARDS = Guards({}, frozenset())
+
 
 
 def record(name: str, text: str = "[Service]\nExecStart=/bin/true\n") -> UnitRecord:

@@ -17,7 +17,7 @@ from fleetd.clock import FakeClock
 from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
 from fleetd.model import DesiredState, Machine, PublishedState
-from fleetd.placement import Guards
+from fleetd.placement import NO_GUARDS, Guards
 from fleetd.ports import Registry, WatchEvent
 from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import Snapshot, UnitRecord
@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # tests/ itself is on sys.path rather than the repo
 
 __all__ = ["etcd"]  # a fixture: imported so pytest finds it here
 
-NO_GUARDS = Guards({}, frozenset())
+
 TEXT = "[Service]\nExecStart=/bin/sleep 100\n"
 
 
@@ -322,3 +322,36 @@ def test_only_unit_content_writes_move_the_units_changed_mark(backend: Backend) 
     after = reg.snapshot()
     assert after.refused == {}
     assert set(after.units) == {"u.service", "v.service"}
+
+
+def test_claim_many_wins_or_loses_each_unit_on_its_own(backend: Backend) -> None:
+    reg = backend.registry
+    lease = backend.join("m1")
+    other = backend.join("m2")
+    snap = backend.submit("a.service", "b.service", "c.service", "d.service")
+    desired = {n: d.revision for n, d in snap.desired.items()}
+    # b is taken meanwhile, c's desired state changed: only a and d can be won.
+    assert reg.claim("b.service", "m2", other, snap.revision, desired["b.service"], NO_GUARDS)
+    reg.set_desired(["c.service"], DesiredState.LOADED)
+    won = reg.claim_many(desired, "m1", lease, snap.revision)
+    assert won == {"a.service": True, "b.service": False, "c.service": False, "d.service": True}
+    owners = reg.snapshot().owners
+    assert {n: o.machine_id for n, o in owners.items()} == {
+        "a.service": "m1", "b.service": "m2", "d.service": "m1",
+    }
+    # The same claims again (a retry after a committed write): all lost, nothing changed.
+    before = reg.snapshot().revision
+    assert not any(reg.claim_many(desired, "m1", lease, snap.revision).values())
+    assert reg.snapshot().revision == before
+    # Unit content written after the snapshot: every claim of the batch is lost.
+    snap = backend.submit("e.service", "f.service")
+    seen = {n: snap.desired[n].revision for n in ("e.service", "f.service")}
+    backend.submit("g.service")
+    assert reg.claim_many(seen, "m1", lease, snap.revision) == {
+        "e.service": False, "f.service": False,
+    }
+    # More claims than one transaction holds are split, and each is judged.
+    names = [f"many{i}.service" for i in range(130)]
+    snap = backend.submit(*names)
+    won = reg.claim_many({n: snap.desired[n].revision for n in names}, "m1", lease, snap.revision)
+    assert len(won) == 130 and all(won.values())

@@ -70,6 +70,8 @@ class DbusUnitManager:
         self.bus_address: str | None = None
         # Files whose link we saw succeed (or checked) in this process.
         self._linked: set[str] = set()
+        # name -> ((inode, size, mtime), content hash) of the files `loaded_units` last read.
+        self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
         try:
             if user:
                 address = bus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
@@ -199,13 +201,28 @@ class DbusUnitManager:
         except FileNotFoundError:
             return {}
         out: dict[str, str] = {}
+        hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
         for entry in entries:
             # Only files we wrote: not temporaries, not links someone put there.
-            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_file():
+            if entry.name.startswith("."):
+                continue
+            try:
+                info = entry.lstat()
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
                 continue
             if entry.name not in self._linked and not self._check_link(entry):
                 continue
-            out[entry.name] = content_hash(entry.read_text())
+            # Every round asks, twice: hash a file again only when it is not the one hashed
+            # last time (a load renames a new file into place, so its inode changes).
+            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+            known = self._hashes.get(entry.name)
+            if known is None or known[0] != signature:
+                known = (signature, content_hash(entry.read_text()))
+            hashes[entry.name] = known
+            out[entry.name] = known[1]
+        self._hashes = hashes
         return out
 
     def _check_link(self, entry: Path) -> bool:

@@ -185,6 +185,17 @@ def test_loaded_units_hashes_the_file_text(backend: Backend) -> None:
     }
     backend.manager.unload(a)
     assert backend.manager.loaded_units() == {b: hashlib.sha1(text_b.encode()).hexdigest()}
+    # A new text loaded again, and (real manager) a file changed in place behind its back:
+    # the hash follows the file, though the adapter keeps hashes between calls.
+    text_b2 = looping_unit("vb2", backend.out(b))
+    backend.manager.load(b, text_b2)
+    assert backend.manager.loaded_units() == {b: hashlib.sha1(text_b2.encode()).hexdigest()}
+    if backend.kind == "real":
+        path = backend.workdir / "units" / b
+        with path.open("a") as out:
+            out.write("# edited\n")
+        edited = (text_b2 + "# edited\n").encode()
+        assert backend.manager.loaded_units() == {b: hashlib.sha1(edited).hexdigest()}
 
 
 def test_unit_with_install_section_is_enabled_at_runtime(backend: Backend) -> None:

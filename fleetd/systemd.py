@@ -128,15 +128,38 @@ class DbusUnitManager:
                 except SystemdError as exc:
                     failures[name] = exc
             return failures
+        states = self._file_states(list(written))
         for name, path in written.items():
-            try:
-                self._check_linked(name)
-            except SystemdError as exc:
+            state = states.get(name, "not-found")
+            if state not in _LINKED:
                 path.unlink(missing_ok=True)
-                failures[name] = exc
+                failures[name] = SystemdError(
+                    f"systemd did not link {name}: its file state is {state}"
+                )
                 continue
             self._linked.add(name)
         return failures
+
+    def _file_states(self, names: list[str]) -> dict[str, str]:
+        """The file state of each unit, read back in one call (one GetUnitFileState per unit
+        costs more than the link itself)."""
+        label = names[0] if len(names) == 1 else f"{len(names)} units ({names[0]}, ...)"
+        rows = self._call(
+            label, "read the file states of", "ListUnitFilesByPatterns", [], names,
+            timeout=self.fast_timeout,
+        )
+        wanted = set(names)
+        found: dict[str, str] = {}
+        for path, state in rows or []:
+            name = os.path.basename(str(path))
+            # The runtime link wins over a file of the same name elsewhere.
+            if name in wanted and found.get(name) not in _LINKED:
+                found[name] = str(state)
+        for name in names:
+            if found.get(name) not in _LINKED:
+                # A pattern is a glob: a name it does not match literally is asked for alone.
+                found[name] = self.unit_file_state(name)
+        return found
 
     def _link(self, names: list[str], paths: list[Path], installs: list[str]) -> None:
         label = names[0] if len(names) == 1 else f"{len(names)} units ({names[0]}, ...)"

@@ -73,6 +73,7 @@ class FakeRegistry:
         self._history: list[WatchEvent] = []
         self._watchers: dict[int, WatchCallback] = {}
         self._next_watch = 0
+        self._held: list[WatchEvent] | None = None
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -124,10 +125,23 @@ class FakeRegistry:
         self._history.extend(events)
         return events
 
+    def hold_watch(self) -> None:
+        """Keep watch events back until `release_watch` (a watch that lags behind writes)."""
+        with self._lock:
+            self._held = []
+
+    def release_watch(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+        self._deliver(held)
+
     def _deliver(self, events: list[WatchEvent]) -> None:
         if not events:
             return
         with self._lock:
+            if self._held is not None:
+                self._held.extend(events)
+                return
             watchers = list(self._watchers.values())
         for callback in watchers:
             callback(list(events))

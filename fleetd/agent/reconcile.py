@@ -38,6 +38,9 @@ def excludes(snap: Snapshot, a: str, b: str) -> bool:
     return False
 
 
+# Seconds a round waits at most for the watch to show its own won claims before bidding again.
+CLAIM_SETTLE = 2.0
+
 # systemd states between two steady ones, and how long a unit in one is watched closely.
 TRANSITIONS = frozenset({"activating", "deactivating", "reloading"})
 SETTLE_WINDOW = 5.0
@@ -84,6 +87,7 @@ class Reconciler:
         self.wake = wake
         self._first_seen: dict[str, tuple[str, float]] = {}
         self._moving_since: dict[str, float] = {}
+        self._won: dict[str, float] = {}  # claims won, until the picture shows them
         self.next_wake: float | None = None
 
     def round(self) -> bool:
@@ -101,6 +105,17 @@ class Reconciler:
     ) -> None:
         assert view.lease_id is not None
         now = self.clock()
+        # A picture that does not show this machine's latest won claims yet plans as if the
+        # machine had fewer units than it has, and would make it bid for more than its share:
+        # wait for the watch to bring them (it wakes the next round), a bounded while.
+        self._won = {
+            u: at
+            for u, at in self._won.items()
+            if now - at < CLAIM_SETTLE and snap.owner_of(u) != self.me
+        }
+        if self._won:
+            self.next_wake = now + 0.05
+            return
         mine = self.mirror.bids(placements, self.me)
         claim_plan = plan_claims(mine, self.me, self._first_seen, now, self.stagger())
         self._first_seen = dict(claim_plan.first_seen)
@@ -147,6 +162,7 @@ class Reconciler:
             self.metrics.claim(won=ok)
             if ok:
                 claimed = True
+                self._won[unit] = now
                 log.info("claimed %s: %s", unit, reasons[unit])
             else:
                 log.debug("claim of %s lost: the registry changed since revision %s",

@@ -23,12 +23,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.lease import LeaseFile
-from fleetd.agent.reconcile import SETTLE_WINDOW
+from fleetd.agent.reconcile import CLAIM_SETTLE, SETTLE_WINDOW
 from fleetd.clock import FakeClock
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable
@@ -634,3 +635,46 @@ def test_a_rounds_loads_go_in_one_call_after_the_stops_and_unloads_before_them(
     ]
     assert manager.loaded_units()["p0.service"] == content_hash(unit("p0 v2", pin))
     assert cluster.running("p0.service") == {"a"} and cluster.running("p1.service") == {"a"}
+
+
+def test_an_agent_does_not_bid_again_before_its_picture_shows_its_won_claims(
+    cluster: Cluster,
+) -> None:
+    """With the watch lagging, a machine's picture shows it fewer units than it won: bids from
+    it go for units it holds already, or for more than its share. It sends none until its
+    claims show (or CLAIM_SETTLE passed: a watch that never catches up only delays it)."""
+    a, b = cluster.add("a"), cluster.add("b")
+    for agent in (a, b):
+        # Only the favourite bids at first, as in a real cluster.
+        agent.config = dataclasses.replace(agent.config, claim_stagger=60.0)
+    sent: list[str] = []
+    real_claim, real_many = cluster.registry.claim, cluster.registry.claim_many
+
+    def claim(unit: str, *args: Any) -> bool:
+        sent.append(unit)
+        return real_claim(unit, *args)
+
+    def claim_many(units: Mapping[str, int], *args: Any) -> dict[str, bool]:
+        sent.extend(units)
+        return real_many(units, *args)
+
+    cluster.registry.claim = claim  # type: ignore[method-assign]
+    cluster.registry.claim_many = claim_many  # type: ignore[method-assign]
+    cluster.submit({f"w@{i}.service": unit(f"w{i}") for i in range(8)})
+    cluster.registry.hold_watch()
+    cluster.step("a")
+    first = {n for n, o in cluster.registry.snapshot().owners.items() if o.machine_id == a.me}
+    assert first and set(sent) == first
+    sent.clear()
+    cluster.step("a")  # the same stale picture
+    assert sent == []
+    cluster.clock.advance(CLAIM_SETTLE + 0.1)
+    for agent in (a, b):
+        cluster.registry.keepalive(agent.lease().lease_id or 0)
+    cluster.step("a")  # still stale, but waited long enough: bids again (and loses them)
+    assert set(sent) == first
+    cluster.registry.release_watch()
+    cluster.settle()
+    owners = cluster.registry.snapshot().owners
+    counts = {m: sum(1 for o in owners.values() if o.machine_id == m) for m in (a.me, b.me)}
+    assert sum(counts.values()) == 8 and max(counts.values()) - min(counts.values()) <= 1

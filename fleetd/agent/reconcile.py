@@ -136,7 +136,15 @@ class Reconciler:
         try:
             # Claims that guard on no other unit cannot depend on one another: one write.
             if len(free) > 1:
-                results = self.registry.claim_many(free, self.me, view.lease_id, snap.revision)
+                try:
+                    results = self.registry.claim_many(
+                        free, self.me, view.lease_id, snap.revision
+                    )
+                except RegistryUnavailable:
+                    raise
+                except Exception as exc:
+                    # Never expected; the round still drives systemd, the next one bids again.
+                    log.exception("claims of %d units failed: %s", len(free), exc)
             else:
                 single = [(u, NO_GUARDS) for u in free] + single
             for unit, guards in single:

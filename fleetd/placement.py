@@ -117,6 +117,11 @@ class View:
         self.zone_conflictors = {n for n, r in reqs.items() if r.zone_conflicts}
         self.region_conflictors = {n for n, r in reqs.items() if r.region_conflicts}
 
+    def declarers(self) -> set[str]:
+        """Units whose patterns (Conflicts, ZoneConflicts, RegionConflicts, Replaces) can name
+        other units: the only ones that can make a unit's placement depend on its name."""
+        return self.conflictors | self.zone_conflictors | self.region_conflictors | self.replacers
+
     def set_requirements(self, name: str, req: Requirements | None) -> None:
         """A unit's content changed (None: gone or invalid). The unit must not be placed in the
         view meanwhile: take it out first and put it back after."""
@@ -518,6 +523,13 @@ CHECKERS: tuple[Checker, ...] = (
 )
 
 
+def names_by_pattern(req: Requirements, unit: str) -> str | None:
+    """The first of `req`'s patterns (every kind) that matches `unit`, if any."""
+    return any_glob_match(
+        req.conflicts + req.zone_conflicts + req.region_conflicts + req.replaces, unit
+    )
+
+
 # What decides alone for a plain unit (below): the machine's own properties.
 STATIC_CHECKERS: tuple[Checker, ...] = (check_machine_id, check_metadata, check_topology)
 
@@ -539,14 +551,9 @@ def is_plain(view: View, unit: str, req: Requirements) -> bool:
         or unit in view.snapshot.moves
     ):
         return False
-    declaring = view.conflictors | view.zone_conflictors | view.region_conflictors
-    declaring |= view.replacers
-    for other in declaring:
+    for other in view.declarers():
         theirs = view.requirements.get(other)
-        if theirs is not None and any_glob_match(
-            theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,
-            unit,
-        ):
+        if theirs is not None and names_by_pattern(theirs, unit):
             return False
     return True
 
@@ -842,18 +849,12 @@ def claim_guards(snapshot: Snapshot, unit: str, view: View | None = None) -> Gua
     # The other direction: units whose own patterns name this one. They are all known, since a
     # claim also requires that no unit content changed after the snapshot.
     if view is not None:
-        declaring = sorted(
-            view.conflictors | view.zone_conflictors | view.region_conflictors | view.replacers
-        )
-        candidates = [(n, view.requirements.get(n)) for n in declaring]
+        candidates = [(n, view.requirements.get(n)) for n in sorted(view.declarers())]
     else:
         candidates = [(n, r.requirements) for n, r in snapshot.units.items()]
     for other, theirs in candidates:
         if other == unit or theirs is None:
             continue
-        if any_glob_match(
-            theirs.conflicts + theirs.zone_conflicts + theirs.region_conflicts + theirs.replaces,
-            unit,
-        ):
+        if names_by_pattern(theirs, unit):
             seen(other)
     return Guards(exact, frozenset(prefixes))

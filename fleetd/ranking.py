@@ -151,11 +151,11 @@ class _Class:
         members = self.view.group_at.get((level, key, self.group))
         return len(members) if members else 0
 
-    def walk(self, node: _Node | _Leaf, depth: int, start: int) -> Ranked:
+    def walk(self, node: _Node | _Leaf, level_index: int, start: int) -> Ranked:
         if isinstance(node, _Leaf):
             yield from node.walk(start, self.names)
             return
-        level = self.levels[depth]
+        level = self.levels[level_index]
         counted = sorted(
             ((self._count(level, key), child) for key, child in node.items()),
             key=lambda item: item[0],
@@ -163,9 +163,9 @@ class _Class:
         for count, tied in itertools.groupby(counted, key=lambda item: item[0]):
             children = [child for _, child in tied]
             if len(children) == 1:
-                walks: Ranked = self.walk(children[0], depth + 1, start)
+                walks: Ranked = self.walk(children[0], level_index + 1, start)
             else:
-                walks = heapq.merge(*(self.walk(c, depth + 1, start) for c in children))
+                walks = heapq.merge(*(self.walk(c, level_index + 1, start) for c in children))
             for key, distance, machine_id in walks:
                 yield (count, *key), distance, machine_id
 

@@ -283,6 +283,15 @@ class FakeUnitManager:
         self._files.pop(name, None)
         self._collect_garbage()
 
+    def start_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        return _each(self.start, names)
+
+    def stop_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        return _each(self.stop, names)
+
+    def unload_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        return _each(self.unload, names)
+
     @_locked
     def loaded_units(self) -> dict[str, str]:
         self._answer("list", "units")
@@ -328,6 +337,17 @@ class FakeUnitManager:
     def _collect_garbage(self) -> None:
         for name in [n for n, u in self._memory.items() if u.active == "inactive"]:
             del self._memory[name]
+
+
+def _each(call: Callable[[str], None], names: Sequence[str]) -> dict[str, Exception]:
+    """A batch call as the one-unit calls, one after another: each unit's error on its own."""
+    failures: dict[str, Exception] = {}
+    for name in dict.fromkeys(names):
+        try:
+            call(name)
+        except (SystemdError, InvalidUnitName) as exc:
+            failures[name] = exc
+    return failures
 
 
 def _check_name(name: str) -> None:

@@ -241,7 +241,8 @@ class InstrumentedUnitManager:
             self.inner.load(name, text)
 
     def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
-        with self._measure("load"):
+        # A batch's latency is not a single call's: its own label.
+        with self._measure("load_many"):
             return self.inner.load_many(units)
 
     def reload(self) -> None:
@@ -252,9 +253,21 @@ class InstrumentedUnitManager:
         with self._measure("start"):
             self.inner.start(name)
 
+    def start_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        with self._measure("start_many"):
+            return self.inner.start_many(names)
+
     def stop(self, name: str) -> None:
         with self._measure("stop"):
             self.inner.stop(name)
+
+    def stop_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        with self._measure("stop_many"):
+            return self.inner.stop_many(names)
+
+    def unload_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        with self._measure("unload_many"):
+            return self.inner.unload_many(names)
 
     def unload(self, name: str) -> None:
         with self._measure("unload"):

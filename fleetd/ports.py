@@ -137,7 +137,8 @@ class Registry(Protocol):
 class UnitManager(Protocol):
     """One systemd manager (system or user) as the agent drives it.
 
-    The agent calls `load` for each unit of a batch, then `reload` once, then `start`/`stop`.
+    The agent loads a batch of units (`load_many`, or `load` each), then calls `reload` once,
+    then starts or stops them (`start_many`, `stop_many`, or one by one).
     `unload` is only called for a unit that is stopped already, and a `reload` follows it.
     Every call returns or raises `SystemdError` within the adapter's timeout: a hung manager is
     an error, never a blocked agent.
@@ -163,8 +164,18 @@ class UnitManager(Protocol):
         """Start the unit (job mode "replace"); returns once the job is queued."""
         ...
 
+    def start_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        """`start` for several units, the calls sent together rather than one per round trip;
+        each unit starts or fails on its own. Returns the error of each unit whose start job
+        was not queued (empty: all were)."""
+        ...
+
     def stop(self, name: str) -> None:
         """Stop the unit (job mode "replace"); returns once the job is queued."""
+        ...
+
+    def stop_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        """`stop` for several units as `start_many` starts them."""
         ...
 
     def kill(self, name: str) -> None:
@@ -174,6 +185,11 @@ class UnitManager(Protocol):
 
     def unload(self, name: str) -> None:
         """Disable the unit, reset its failed state and delete its file."""
+        ...
+
+    def unload_many(self, names: Sequence[str]) -> dict[str, Exception]:
+        """`unload` for several stopped units, as few manager calls as the manager allows;
+        returns the error of each unit not unloaded (its file then stays)."""
         ...
 
     def loaded_units(self) -> dict[str, str]:

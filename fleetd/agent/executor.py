@@ -103,7 +103,14 @@ class Executor:
         self._deferred = set()
         tasks = list(tasks)
         loads: dict[str, Exception | None] | None = None
+        # The STARTs of one run of consecutive START tasks go to systemd together, when the run
+        # ends: a START's checks below depend on no other START's outcome, only on the tasks
+        # before the run, so holding them back decides nothing differently.
+        starts: list[Task] = []
         for index, task in enumerate(tasks):
+            if starts and task.kind is not TaskKind.START:
+                self._start_all(starts, failed)
+                starts = []
             if task.unit in failed or task.unit in self._deferred:
                 continue
             if task.kind is TaskKind.LOAD and loads is None:
@@ -127,25 +134,81 @@ class Executor:
                 continue
             if task.kind is TaskKind.START and "" in failed:
                 continue  # the daemon-reload failed: the manager may not see the new file
-            try:
-                if task.kind is TaskKind.LOAD and loads and task.unit in loads:
-                    # Done in the batch (or failed there, raised here as its own error).
-                    error = loads[task.unit]
-                    if error is not None:
-                        raise error
-                else:
-                    self._execute(task)
-                self._backoff.pop(task.unit, None)
-            except Exception as exc:
-                failed.add(task.unit)
-                entry = self._backoff.get(task.unit)
-                failures = entry.failures + 1 if entry else 1
-                pause = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
-                self._backoff[task.unit] = _Backoff(failures, self.clock() + pause)
-                log.error("%s failed (retrying in %.0fs): %s", task, pause, _one_line(exc))
-            finally:
-                self.progress()
+            if task.kind is TaskKind.START:
+                starts.append(task)
+                continue
+            self._run_one(task, loads, failed)
+        if starts:
+            self._start_all(starts, failed)
         return bool(self._deferred)
+
+    def _run_one(
+        self, task: Task, loads: dict[str, Exception | None] | None, failed: set[str]
+    ) -> None:
+        try:
+            if task.kind is TaskKind.LOAD and loads and task.unit in loads:
+                # Done in the batch (or failed there, raised here as its own error).
+                error = loads[task.unit]
+                if error is not None:
+                    raise error
+            else:
+                self._execute(task)
+            self._backoff.pop(task.unit, None)
+        except Exception as exc:
+            self._fail(task, exc, failed)
+        finally:
+            self.progress()
+
+    def _fail(self, task: Task, exc: BaseException, failed: set[str]) -> None:
+        failed.add(task.unit)
+        entry = self._backoff.get(task.unit)
+        failures = entry.failures + 1 if entry else 1
+        pause = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        self._backoff[task.unit] = _Backoff(failures, self.clock() + pause)
+        log.error("%s failed (retrying in %.0fs): %s", task, pause, _one_line(exc))
+
+    def _start_all(self, tasks: list[Task], failed: set[str]) -> None:
+        """Start the units of these START tasks with one batch of calls (a single one as its
+        own task); each that fails backs off on its own, as its own task would."""
+        if len(tasks) == 1:
+            self._run_one(tasks[0], None, failed)
+            return
+        if not self.may_start():
+            log.warning("refused to start %d units (%s, ...): the lease does not allow new "
+                        "units now", len(tasks), tasks[0].unit)
+            return
+        for task in tasks:
+            log.info("%s (in a batch of %d)", task, len(tasks))
+        began = time.monotonic()
+        try:
+            errors = self.manager.start_many([t.unit for t in tasks])
+        except Exception as exc:
+            # Not one unit's error: each task then starts its unit on its own (a start of a
+            # unit the batch started already changes nothing).
+            log.warning("starting %d units at once failed, one by one now: %s",
+                        len(tasks), _one_line(exc))
+            for task in tasks:
+                self._run_one(task, None, failed)
+            return
+        finally:
+            self.progress()
+        log.info("start jobs of %d units queued in %.2f s (%s, ...)",
+                 len(tasks) - len(errors), time.monotonic() - began, tasks[0].unit)
+        for task in tasks:
+            error = errors.get(task.unit)
+            if error is not None:
+                self._fail(task, error, failed)
+                continue
+            self._started.add((task.unit, task.hash))
+            self._backoff.pop(task.unit, None)
+        if not self.may_start():
+            # Fencing began while the starts were on their way: the fencer may have looked
+            # before these units ran, so take them down here.
+            up = [t.unit for t in tasks if t.unit not in errors]
+            log.warning("stop %d units (%s, ...): fencing began while they were starting",
+                        len(up), up[0] if up else "")
+            for unit, error in self.manager.stop_many(up).items():
+                log.error("stop %s failed: %s", unit, _one_line(error))
 
     def _load_all(self, tasks: Iterable[Task]) -> dict[str, Exception | None]:
         """Load every unit of these LOAD tasks that may load now, in one call: unit -> its

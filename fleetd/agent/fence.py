@@ -33,6 +33,7 @@ def stop_units(manager: UnitManager, names: Iterable[str], reason: str) -> set[s
         return set()
     states = manager.states(wanted)
     running: set[str] = set()
+    stopping: list[str] = []
     for name in wanted:
         state = states.get(name)
         if state is None or state.active in STOPPED:
@@ -41,10 +42,15 @@ def stop_units(manager: UnitManager, names: Iterable[str], reason: str) -> set[s
         if state.active == "deactivating":
             continue  # a stop job runs already
         log.warning("stop %s: %s", name, reason)
-        try:
-            manager.stop(name)
-        except SystemdError as exc:
-            log.error("stop %s failed: %s", name, exc)
+        stopping.append(name)
+    # All the stop calls at once: a machine leaving with 150 units should not queue its stops
+    # one round trip after another while the others wait for them.
+    try:
+        failures = manager.stop_many(stopping) if stopping else {}
+    except SystemdError as error:
+        failures = {name: error for name in stopping}
+    for name, failure in sorted(failures.items()):
+        log.error("stop %s failed: %s", name, failure)
     return running
 
 

@@ -377,10 +377,12 @@ class Agent:
         self.keeper.revoke()
         try:
             loaded = self.manager.loaded_units()
-            for name in sorted(loaded):
-                self.manager.unload(name)
+            failures = self.manager.unload_many(sorted(loaded)) if loaded else {}
             if loaded:
                 self.manager.reload()
+            if failures:
+                name, error = min(failures.items())
+                raise SystemdError(f"{len(failures)} units, {name} first: {error}")
         except SystemdError as exc:
             # Stopped and no longer ours: a later fleetd unloads what is left at start-up.
             log.warning("could not unload every stopped unit: %s", exc)
@@ -388,9 +390,14 @@ class Agent:
     def _wait_stopped(self, names: set[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while names:
-            states = self.manager.states(names)
-            if all(s.active in STOPPED for s in states.values()):
-                return True
+            try:
+                states = self.manager.states(names)
+                if all(s.active in STOPPED for s in states.values()):
+                    return True
+            except SystemdError as exc:
+                # A manager busy taking a hundred units down answers a state read late: that
+                # is no reason to give up the drain while there is time left.
+                log.info("reading the stopping units' states failed, asking again: %s", exc)
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)

@@ -15,8 +15,9 @@ units/hello@.service (a shell loop):
 - W4: the killed machine back, then `local-cluster halt` of a machine holding N/2 units, until
   all N run elsewhere.
 - the floor: the same N units started directly on the same managers, one process per manager
-  (LinkUnitFiles, one Reload, StartUnit over D-Bus; no etcd, no fleet), timed the same way (the
-  processes poll their units' states every 0.25 s).
+  (no etcd, no fleet), timed the same way (the processes poll their units' states every
+  0.25 s), twice: with the batch calls fleetd makes (one LinkUnitFiles, one Reload, the
+  StartUnit calls sent together), which W1 is held against, and with one call per unit.
 - where W1's time goes, from the agents' logs: time to the last claim, to the last start call,
   and the rest (publication and the listing's polling).
 """
@@ -24,6 +25,7 @@ units/hello@.service (a shell loop):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -34,6 +36,7 @@ import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 LC = [sys.executable, str(ROOT / "vagrant" / "local-cluster")]
@@ -142,15 +145,86 @@ def log_times(directory: Path, pattern: str, since: float) -> list[float]:
     return stamps
 
 
-def takeover(directory: Path, label: str, wall: float, total: float) -> None:
+def start_calls(directory: Path, since: float) -> list[float]:
+    """When the agents sent start calls: each single start, and the end of each batch (its
+    calls all sent, every reply in)."""
+    return log_times(directory, "start hello@", since) + log_times(directory, "start jobs of",
+                                                                   since)
+
+
+def since(published: PublishedActive, start: float) -> str:
+    return "-" if published.reached is None else f"{published.reached - start:.2f} s"
+
+
+def takeover(directory: Path, label: str, wall: float, total: float, published: str) -> None:
     """Where a takeover's time went, from the survivors' logs: when the first claim landed
     (the dead machine's keys seen gone), the last claim, the last start call."""
     claims = log_times(directory, "claimed hello@", wall)
-    starts = log_times(directory, "start hello@", wall)
+    starts = start_calls(directory, wall)
     if claims and starts:
         print(f"{label} breakdown: first claim at {min(claims) - wall:.2f} s; last claim at "
               f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; all "
-              f"seen active by the 0.25 s listing poll at {total:.2f} s")
+              f"published active in etcd at {published}; all seen active by the 0.25 s listing "
+              f"poll at {total:.2f} s")
+
+
+class PublishedActive:
+    """When etcd first held an active published state for all of the units (the listing's
+    polling aside): the registry's states read once, then followed by one watch."""
+
+    def __init__(self, endpoint: str) -> None:
+        from fleetd.keys import Kind
+        from fleetd.registry import EtcdRegistry
+
+        self._kind = Kind.STATE
+        self.registry = EtcdRegistry([endpoint])
+        snap = self.registry.snapshot()
+        self._lock = threading.Lock()
+        self._active = {
+            (name, machine)
+            for name, per in snap.states.items()
+            for machine, state in per.items()
+            if state.active == "active"
+        }
+        self._want = 0
+        self._skip = ""
+        self.reached: float | None = None
+        self._cancel = self.registry.watch(snap.revision + 1, self._events)
+
+    def machine_id(self, address: str) -> str:
+        snap = self.registry.snapshot()
+        return next((m.id for m in snap.machines.values() if m.public_ip == address), "")
+
+    def expect(self, units: int, skip_machine: str = "") -> None:
+        with self._lock:
+            self._want, self._skip, self.reached = units, skip_machine, None
+            self._check()
+
+    def _events(self, events: Any) -> None:
+        if isinstance(events, BaseException):
+            return
+        with self._lock:
+            for event in events:
+                split = self.registry.layout.split(event.key)
+                if split is None or split[0] is not self._kind:
+                    continue
+                pair = (split[1], split[2])
+                active = event.value is not None and json.loads(event.value).get("active")
+                if active == "active":
+                    self._active.add(pair)
+                else:
+                    self._active.discard(pair)
+            self._check()
+
+    def _check(self) -> None:
+        if self._want and self.reached is None:
+            units = {name for name, machine in self._active if machine != self._skip}
+            if len(units) >= self._want:
+                self.reached = time.monotonic()
+
+    def close(self) -> None:
+        self._cancel()
+        self.registry.close()
 
 
 FLOOR_WORKER = r"""
@@ -158,18 +232,25 @@ import sys, time
 from pathlib import Path
 from fleetd.systemd import DbusUnitManager
 first, count, directory = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+batched = sys.argv[5] == "batched"
 directory.mkdir(parents=True, exist_ok=True)
-manager = DbusUnitManager(directory, user=True)
+manager = DbusUnitManager(directory, user=True, timeout=30.0)
+manager.fast_timeout = 10.0  # a manager busy with 100 stops answers state reads late
 text = Path(sys.argv[4]).read_text()
 names = [f"floor@{i}.service" for i in range(first, first + count)]
 print("ready", flush=True)
 sys.stdin.readline()
 start = time.monotonic()
-for name in names:
-    manager.load(name, text)
-manager.reload()
-for name in names:
-    manager.start(name)
+if batched:
+    assert not manager.load_many({name: text for name in names})
+    manager.reload()
+    assert not manager.start_many(names)
+else:
+    for name in names:
+        manager.load(name, text)
+    manager.reload()
+    for name in names:
+        manager.start(name)
 while True:
     states = manager.states(names)
     if all(s.active == "active" for s in states.values()):
@@ -177,16 +258,18 @@ while True:
     time.sleep(0.25)
 print(f"done {time.monotonic() - start:.3f}", flush=True)
 sys.stdin.readline()
-for name in names:
-    manager.stop(name)
-for name in names:
-    manager.unload(name)
+manager.stop_many(names)
+while not all(s.active in ("inactive", "failed") for s in manager.states(names).values()):
+    time.sleep(0.1)
+manager.unload_many(names)
 manager.reload()
 """
 
 
-def floor(directory: str, machines: list[str], units: int) -> float:
-    """Seconds to start `units` units directly over D-Bus, split over the machines' managers."""
+def floor(directory: str, machines: list[str], units: int, mode: str) -> float:
+    """Seconds to start `units` units directly over D-Bus, split over the machines' managers:
+    with the adapter's batch calls ("batched": one LinkUnitFiles, the StartUnit calls sent
+    together, as fleetd does) or one call per unit ("single")."""
     worker = Path(directory) / "floor_worker.py"
     worker.write_text(FLOOR_WORKER)
     template = ROOT / "units" / "hello@.service"
@@ -197,6 +280,7 @@ def floor(directory: str, machines: list[str], units: int) -> float:
         cmd = [
             *LC, "--dir", directory, "ssh", machine, "--", sys.executable, str(worker),
             str(i * per), str(count), str(Path(directory) / machine / "floor-units"), str(template),
+            mode,
         ]
         procs.append(
             subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -237,11 +321,17 @@ def main() -> None:
         print(f"local cluster: {len(machines)} machines, agent_ttl {args.ttl:g} s, "
               f"load average {os.getloadavg()[0]:.1f} at start")
 
-        # The floor first, on idle managers, as W1 finds them.
-        took = floor(directory, machines, n)
-        print(f"floor: {n} units over D-Bus directly, one process per manager: {took:.2f} s")
+        # The floor first, on idle managers, as W1 finds them; W1 is held against
+        # the batched one, the calls fleetd itself makes.
+        single = floor(directory, machines, n, "single")
+        took = floor(directory, machines, n, "batched")
+        print(f"floor: {n} units over D-Bus directly, one process per manager: {took:.2f} s "
+              f"with batched calls (one LinkUnitFiles, the StartUnit calls sent together), "
+              f"{single:.2f} s with one call per unit")
 
         files = [str(ROOT / "units" / f"hello@{i}.service") for i in range(1, n + 1)]
+        published = PublishedActive(endpoint)
+        published.expect(n)
         before = proposals(endpoint)
         wall = time.time()
         start = time.monotonic()
@@ -251,13 +341,14 @@ def main() -> None:
         w1 = time.monotonic() - start
         written = proposals(endpoint) - before
         claims = log_times(Path(directory), "claimed hello@", wall)
-        starts = log_times(Path(directory), "start hello@", wall)
+        starts = start_calls(Path(directory), wall)
         print(f"W1: {n} units all active in {w1:.2f} s ({w1 / took:.2f}x the floor); "
               f"{written / n:.2f} etcd proposals per placed unit; "
               f"balance max-min {max(loads.values()) - min(loads.values())}")
         if claims and starts:
             print(f"W1 breakdown: fleetctl submit {submitted:.2f} s; last claim at "
                   f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "
+                  f"all published active in etcd at {since(published, start)}; "
                   f"all seen active by the 0.25 s listing poll at {w1:.2f} s")
 
         time.sleep(3)
@@ -273,13 +364,14 @@ def main() -> None:
         start = time.monotonic()
         # Timed until the units run elsewhere, not until the tool returns: the machine may
         # still be finishing its own exit meanwhile.
+        published.expect(n, published.machine_id(names[victim]))
         fault = Verb(directory, "kill", victim)
         wait_active(env, n, 600, skip=names[victim])
         w3 = time.monotonic() - start
         fault.wait()
         print(f"W3: kill {victim} holding {holding.get(names[victim], 0)} units: all {n} active "
               f"elsewhere in {w3:.2f} s (TTL + {w3 - args.ttl:.2f} s)")
-        takeover(Path(directory), "W3", wall, w3)
+        takeover(Path(directory), "W3", wall, w3, since(published, start))
 
         lc(directory, "start", victim)
         deadline = time.monotonic() + 60
@@ -289,13 +381,15 @@ def main() -> None:
         second = max((m for m in machines if m != victim), key=lambda m: holding.get(names[m], 0))
         wall = time.time()
         start = time.monotonic()
+        published.expect(n, published.machine_id(names[second]))
         fault = Verb(directory, "halt", second)
         wait_active(env, n, 600, skip=names[second])
         w4 = time.monotonic() - start
         halted = fault.wait()
         print(f"W4: halt {second} holding {holding.get(names[second], 0)} units: all {n} active "
               f"elsewhere in {w4:.2f} s (its fleetd had exited after {halted:.2f} s)")
-        takeover(Path(directory), "W4", wall, w4)
+        takeover(Path(directory), "W4", wall, w4, since(published, start))
+        published.close()
         print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores, shared)")
     finally:
         subprocess.run([*LC, "--dir", directory, "destroy"], capture_output=True, check=False)

@@ -677,3 +677,69 @@ def test_load_many_loads_each_good_unit_and_reports_each_bad_one(backend: Backen
     backend.start(good[1])
     assert backend.wait_active(good[1]) == SystemdState("loaded", "active", "running")
     assert backend.manager.load_many({}) == {}
+
+
+def test_load_many_again_keeps_units_that_were_linked_already(backend: Backend) -> None:
+    """A unit loaded again with new text keeps its link (the manager reports no new link for
+    it): it is read back, not reported as failed."""
+    names = [backend.unit_name(f"again{i}") for i in range(2)]
+    assert backend.manager.load_many({n: looping_unit("v1", backend.out(n)) for n in names}) == {}
+    fresh = backend.unit_name("fresh")
+    units = {n: looping_unit("v2", backend.out(n)) for n in [*names, fresh]}
+    assert backend.manager.load_many(units) == {}
+    assert set(backend.manager.loaded_units()) == {*names, fresh}
+    backend.manager.reload()
+    for name in (*names, fresh):
+        assert backend.manager.unit_file_state(name) == "linked-runtime"
+    backend.start(names[0])
+    assert backend.running_marker(names[0], "v2") == "v2"
+
+
+def test_start_many_and_stop_many_act_on_each_unit_and_report_each_failure(
+    backend: Backend,
+) -> None:
+    """The calls go together, the outcomes are each unit's own: good units start (and stop),
+    a bad name and a unit the manager does not know come back with their own error."""
+    good = [backend.unit_name(f"batch{i}") for i in range(4)]
+    assert backend.manager.load_many({n: looping_unit(n, backend.out(n)) for n in good}) == {}
+    backend.manager.reload()
+    unknown = backend.unit_name("unknown")
+    backend.started.extend(good)
+    failures = backend.manager.start_many([*good, "bad/name.service", unknown])
+    assert set(failures) == {"bad/name.service", unknown}
+    assert isinstance(failures["bad/name.service"], InvalidUnitName)
+    assert isinstance(failures[unknown], SystemdError)
+    assert unknown in str(failures[unknown])
+    for name in good:
+        assert backend.wait_active(name) == SystemdState("loaded", "active", "running")
+        assert backend.running_marker(name, name) == name
+    failures = backend.manager.stop_many([*good[:3], "bad/name.service"])
+    assert set(failures) == {"bad/name.service"}
+    for name in good[:3]:
+        assert backend.wait_inactive(name) == SystemdState("loaded", "inactive", "dead")
+    assert backend.manager.states([good[3]])[good[3]].active == "active"
+    assert backend.manager.start_many([]) == {}
+    assert backend.manager.stop_many([]) == {}
+
+
+def test_unload_many_unloads_each_stopped_unit(backend: Backend) -> None:
+    """One batch unloads stopped units (a failed one's failed state reset too) and tolerates a
+    unit that was never loaded, as `unload` does; a bad name is reported on its own."""
+    names = [backend.unit_name(f"gone{i}") for i in range(3)]
+    failing = backend.unit_name("failing")
+    units = {n: looping_unit("v1", backend.out(n)) for n in names}
+    units[failing] = FAILING_UNIT
+    assert backend.manager.load_many(units) == {}
+    backend.manager.reload()
+    backend.start(failing)
+    assert backend.wait_state(failing, lambda s: s.active == "failed").active == "failed"
+    never = backend.unit_name("never")
+    failures = backend.manager.unload_many([*names, failing, never, "bad/name.service"])
+    assert set(failures) == {"bad/name.service"}
+    backend.manager.reload()
+    assert backend.manager.loaded_units() == {}
+    for name in (*names, failing):
+        assert not (backend.workdir / "units" / name).exists()
+        assert backend.manager.states([name]) == {name: NOT_FOUND}
+        assert backend.manager.unit_file_state(name) == "not-found"
+    assert backend.manager.unload_many([]) == {}

@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from fleetd.agent.lease import LeaseFile
 from fleetd.agent.reconcile import CLAIM_SETTLE, SETTLE_WINDOW
 from fleetd.clock import FakeClock
 from fleetd.config import Config
-from fleetd.errors import RegistryUnavailable
+from fleetd.errors import RegistryUnavailable, SystemdError
 from fleetd.fake_registry import FakeRegistry
 from fleetd.fake_systemd import FakeUnitManager
 from fleetd.guard import Guard
@@ -220,6 +220,30 @@ def test_a_start_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
     with pytest.raises(RegistryUnavailable):
         a.step()  # the lease expired meanwhile: publishing the state fails, the loop retries
     assert manager.states(["u.service"])["u.service"].active == "inactive"
+
+
+def test_a_batch_of_starts_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
+    """The starts of a round go to systemd together; when fencing began while they were on their
+    way, every unit of the batch that started is taken down again in the same round."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    started: list[list[str]] = []
+    real_start_many = manager.start_many
+
+    def start_many_then_lose_the_lease(names: Sequence[str]) -> dict[str, Exception]:
+        started.append(list(names))
+        failures = real_start_many(names)
+        cluster.clock.advance(TTL)  # the calls took "forever": fencing is due
+        return failures
+
+    manager.start_many = start_many_then_lose_the_lease  # type: ignore[method-assign]
+    cluster.submit({"u.service": unit(), "v.service": unit()})
+    a.step()
+    with pytest.raises(RegistryUnavailable):
+        a.step()
+    assert started == [["u.service", "v.service"]]
+    states = manager.states(["u.service", "v.service"])
+    assert {s.active for s in states.values()} == {"inactive"}
 
 
 def test_hung_systemd_call_does_not_block_fencing(cluster: Cluster) -> None:
@@ -424,6 +448,42 @@ def test_drain_releases_everything_and_removes_the_lease_file(cluster: Cluster) 
     assert not (cluster.tmp_path / "a" / "lease.json").exists()
 
 
+def test_a_drain_reads_the_stopping_units_again_when_a_state_read_times_out(
+    cluster: Cluster,
+) -> None:
+    """A manager busy taking many units down may answer a state read late: the drain asks
+    again rather than give up and leave the lease to expire (the others would wait a TTL)."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    cluster.submit({"u.service": unit(), "v.service": unit()})
+    cluster.settle()
+    real_states = manager.states
+    late: list[int] = []
+    stopped: list[str] = []
+
+    def states(names: Iterable[str]) -> dict[str, SystemdState]:
+        wanted = list(names)
+        if stopped and not late:
+            late.append(len(wanted))
+            raise SystemdError("systemd could not read the state of 2 units: Timeout was reached")
+        return real_states(wanted)
+
+    real_stop_many = manager.stop_many
+
+    def stop_many(names: Sequence[str]) -> dict[str, Exception]:
+        stopped.extend(names)
+        return real_stop_many(names)
+
+    manager.states = states  # type: ignore[method-assign]
+    manager.stop_many = stop_many  # type: ignore[method-assign]
+    a.stop(mode=ExitMode.DRAIN)
+    a.shutdown()
+    assert late == [2]
+    snap = cluster.registry.snapshot()
+    assert a.me not in snap.machines and not snap.owners
+    assert manager.loaded_units() == {}
+
+
 def test_units_of_an_earlier_run_without_a_lease_are_stopped_before_joining(
     cluster: Cluster,
 ) -> None:
@@ -509,10 +569,13 @@ def test_one_failing_unit_does_not_stop_the_others_and_is_retried_with_backoff(
     cluster.submit({"bad.service": unit("bad", pin), "good.service": unit("good", pin)})
     cluster.settle(2)
     assert cluster.running("good.service") == {"a"}
-    assert attempts.count("bad.service") == 1
+    # The round's batch of starts raised, so each unit was tried on its own: twice in it.
+    assert attempts.count("bad.service") == 2
+    cluster.settle(2)
+    assert attempts.count("bad.service") == 2  # backing off: no new try in later rounds
     cluster.clock.advance(1.1)
     cluster.settle(1)
-    assert attempts.count("bad.service") == 2
+    assert attempts.count("bad.service") == 3
 
 
 def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
@@ -532,24 +595,33 @@ def test_a_write_under_a_lost_lease_fails_instead_of_writing_without_one(
 
 def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Cluster) -> None:
     """systemd's watchdog is pinged while the reconcile thread makes progress: a round that runs
-    many tasks must show progress task by task."""
+    many tasks must show progress task by task (a batch of calls counts as one step: its calls
+    run side by side, each within the adapter's timeout)."""
     a = cluster.add("a")
     marks: list[float] = []
     a.executor.progress = lambda: marks.append(cluster.clock())
     manager = cluster.managers["a"]
-    real_start = manager.start
-
-    def slow_start(name: str) -> None:
-        cluster.clock.advance(1.0)  # each start takes a second of (fake) time
-        real_start(name)
-
-    manager.start = slow_start  # type: ignore[method-assign]
     pin = f"MachineID={a.me}"
-    cluster.submit({f"p{i}.service": unit(f"p{i}", pin) for i in range(5)})
+    units = {f"p{i}.service": unit(f"p{i}", pin) for i in range(5)}
+    cluster.submit(units)
     a.step()  # claims
     marks.clear()
-    a.step()  # the five loads in one call (then each load task), one reload, five starts
-    assert len(marks) == 1 + 5 + 1 + 5
+    a.step()  # the five loads in one call (then each load task), one reload, the starts
+    assert len(marks) == 1 + 5 + 1 + 1
+    assert all(cluster.running(name) == {"a"} for name in units)
+    real_stop = manager.stop
+
+    def slow_stop(name: str) -> None:
+        cluster.clock.advance(1.0)  # each stop takes a second of (fake) time
+        real_stop(name)
+
+    manager.stop = slow_stop  # type: ignore[method-assign]
+    records = [UnitRecord(n, t, content_hash(t)) for n, t in units.items()]
+    snap = cluster.registry.snapshot()
+    assert cluster.registry.write_units(records, DesiredState.LOADED, snap)
+    marks.clear()
+    a.step()  # five stops, one task each
+    assert len(marks) == 5
     gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
     assert max(gaps) <= 1.0
 

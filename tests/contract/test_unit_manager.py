@@ -743,3 +743,29 @@ def test_unload_many_unloads_each_stopped_unit(backend: Backend) -> None:
         assert backend.manager.states([name]) == {name: NOT_FOUND}
         assert backend.manager.unit_file_state(name) == "not-found"
     assert backend.manager.unload_many([]) == {}
+
+
+def test_a_unit_the_manager_does_not_know_starts_from_its_new_file_without_a_reload(
+    backend: Backend,
+) -> None:
+    """What lets a round that only loads new units skip the daemon-reload: a unit that reads
+    not-found (even once asked about, so the manager holds it as not-found) is read from its
+    file when started after the link, the first time and again after an unload."""
+    names = [backend.unit_name(f"fresh{i}") for i in range(2)]
+    assert backend.manager.states(names) == dict.fromkeys(names, NOT_FOUND)
+    assert backend.manager.load_many({n: looping_unit("v1", backend.out(n)) for n in names}) == {}
+    backend.started.extend(names)
+    assert backend.manager.start_many(names) == {}
+    for name in names:
+        assert backend.wait_active(name) == SystemdState("loaded", "active", "running")
+        assert backend.running_marker(name, "v1") == "v1"
+    assert backend.manager.stop_many(names) == {}
+    for name in names:
+        backend.wait_inactive(name)
+    assert backend.manager.unload_many(names) == {}
+    backend.manager.reload()
+    assert backend.manager.states(names) == dict.fromkeys(names, NOT_FOUND)
+    backend.manager.load(names[0], looping_unit("v2", backend.out(names[0])))
+    backend.start(names[0])
+    assert backend.wait_active(names[0]) == SystemdState("loaded", "active", "running")
+    assert backend.running_marker(names[0], "v2") == "v2"

@@ -606,8 +606,9 @@ def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Clust
     cluster.submit(units)
     a.step()  # claims
     marks.clear()
-    a.step()  # the five loads in one call (then each load task), one reload, the starts
-    assert len(marks) == 1 + 5 + 1 + 1
+    a.step()  # the five loads in one call (then each load task), the starts (fresh units:
+    # no reload needed)
+    assert len(marks) == 1 + 5 + 1
     assert all(cluster.running(name) == {"a"} for name in units)
     real_stop = manager.stop
 

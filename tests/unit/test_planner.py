@@ -157,6 +157,49 @@ def test_new_owned_unit_is_loaded_reloaded_and_started() -> None:
     assert start.hash == content_hash(text)
 
 
+NOT_FOUND = SystemdState("not-found", "inactive", "dead")
+INSTALL = "\n[Install]\nWantedBy=default.target\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "texts", "loaded", "states", "reason"),
+    [
+        # Units systemd does not know read their file when started: no reload.
+        ("fresh units", {"a.service": body(), "b.service": body()}, {},
+         {"a.service": NOT_FOUND, "b.service": NOT_FOUND}, ""),
+        # Not read before planning: assume systemd may know it.
+        ("state unknown", {"a.service": body()}, {}, {}, "unit files changed"),
+        # In systemd's memory (from an earlier file): it would keep the old text.
+        ("known to systemd", {"a.service": body(), "b.service": body()}, {},
+         {"a.service": NOT_FOUND, "b.service": INACTIVE}, "unit files changed"),
+        # Its .wants links are read at a reload.
+        ("with [Install]", {"a.service": body() + INSTALL}, {}, {"a.service": NOT_FOUND},
+         "unit files changed"),
+        # Linked by us, yet systemd has not seen it: read it, do not fail its start forever.
+        ("linked, not seen", {"a.service": body()}, {"a.service": content_hash(body())},
+         {"a.service": NOT_FOUND}, "systemd does not see the file of a.service"),
+    ],
+)
+def test_a_reload_comes_only_when_the_manager_would_not_see_the_files_without_one(
+    case: str,
+    texts: dict[str, str],
+    loaded: dict[str, str],
+    states: dict[str, SystemdState],
+    reason: str,
+) -> None:
+    snap = snapshot(texts, dict.fromkeys(texts, ME))
+    tasks = local(snap, loaded, states)
+    reloads = [t for t in tasks if t.kind is TaskKind.RELOAD]
+    assert [t.reason for t in reloads] == ([reason] if reason else []), case
+    kinds = [t.kind for t in tasks]
+    assert kinds.count(TaskKind.START) == len(texts), case
+    if reloads:
+        # Before every start, after every load.
+        at = kinds.index(TaskKind.RELOAD)
+        assert all(k is not TaskKind.START for k in kinds[:at])
+        assert all(k is not TaskKind.LOAD for k in kinds[at:])
+
+
 def test_running_unit_in_its_wanted_state_needs_nothing() -> None:
     text = body()
     snap = snapshot({"u.service": text}, {"u.service": ME})

@@ -19,7 +19,15 @@ from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
 from fleetd.keys import UNITS_CHANGED, KeyLayout, Kind
-from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState, shared
+from fleetd.model import (
+    Container,
+    DesiredState,
+    Machine,
+    Owner,
+    PublishedState,
+    shared,
+    shared_value,
+)
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
 
@@ -158,10 +166,11 @@ def _load(value: bytes | str) -> Any:
 _DESIRED_STATES: dict[str, DesiredState] = {state.value: state for state in DesiredState}
 
 
-@functools.lru_cache(maxsize=1 << 16)
+# Mostly refused names: a name the picture holds already passed (`Snapshot._names`), so the
+# cache need not hold one entry per unit of the registry.
+@functools.lru_cache(maxsize=1 << 10)
 def _name_refusal(name: str) -> str | None:
-    """Why systemd would refuse the unit name, or None. Every unit's name comes in four keys
-    (unit, desired, owner, state) and again in every watch event of them: validate it once."""
+    """Why systemd would refuse the unit name, or None."""
     try:
         parse_unit_name(name)
     except InvalidUnitName as exc:
@@ -196,6 +205,9 @@ class Snapshot:
     # One string per unit name for all the maps above (each key would otherwise bring its own
     # copy of the name), and the unit texts by content hash, so instances of one template share
     # one text. Entries go when no map holds the name or hash any more; a copy starts without.
+    # A name in `_names` is valid: it got there through `_put`, after the name was checked (so
+    # every unit's name, which comes in four keys and again in each watch event of them, is
+    # validated once while the picture holds it).
     _names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _texts: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -258,7 +270,9 @@ class Snapshot:
             )
         else:
             kind, name, machine_id = parts
-            reason = None if kind is Kind.MACHINE else _name_refusal(name)
+            reason = (
+                None if kind is Kind.MACHINE or name in self._names else _name_refusal(name)
+            )
             too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
             if reason is None and kind is Kind.UNIT and too_large:
                 # fleetctl never stores more; a larger value came from another writer, and an
@@ -368,7 +382,8 @@ class Snapshot:
             text = value.decode()
             # The enum's own call raises the error (and message) of an unknown state.
             state = _DESIRED_STATES.get(text) or DesiredState(text)
-            self.desired[name] = Desired(state, mod_revision)
+            # The units of one transaction share one revision: one record for all of them.
+            self.desired[name] = shared_value(Desired(state, shared_value(mod_revision)))
         elif kind is Kind.MOVE:
             self.moves[name] = value.decode()
         else:
@@ -398,15 +413,19 @@ class Snapshot:
                 if hash_ != content_hash(data["text"]):
                     raise ValueError("its hash is not the hash of its text")
                 self.units[name] = UnitRecord(
-                    name, self._text(data["text"], hash_), hash_, mod_revision
+                    name, self._text(data["text"], hash_), hash_, shared_value(mod_revision)
                 )
             elif kind is Kind.OWNER:
-                # Mostly one revision (the claim created the key): then one int object.
+                # Mostly one revision (the claim created the key): then one int object; and
+                # the claims of one batch are one record.
+                mod_revision = shared_value(mod_revision)
                 created = create_revision or mod_revision
-                self.owners[name] = Owner(
-                    shared(str(data["machine_id"])),
-                    mod_revision if created == mod_revision else created,
-                    mod_revision,
+                self.owners[name] = shared_value(
+                    Owner(
+                        shared(str(data["machine_id"])),
+                        mod_revision if created == mod_revision else shared_value(created),
+                        mod_revision,
+                    )
                 )
             elif kind is Kind.MACHINE:
                 metadata: Mapping[str, str] = {

@@ -1,0 +1,91 @@
+"""A large registry's picture keeps repeated values once: the records and revisions of keys
+written by one transaction, a template's name parts. Sharing must never change a value."""
+
+from __future__ import annotations
+
+import json
+
+from fleetd import model
+from fleetd.keys import KeyLayout
+from fleetd.model import DesiredState, Owner, shared_value
+from fleetd.snapshot import Desired, Snapshot
+from fleetd.unitfile import content_hash, parse_unit_name, template_group
+
+LAYOUT = KeyLayout("/fleet/")
+M = "a" * 32
+
+
+def test_shared_value_returns_one_object_per_value_and_never_another_type() -> None:
+    first = Desired(DesiredState.LAUNCHED, 70_001)
+    again = Desired(DesiredState.LAUNCHED, 70_001)
+    assert first is not again
+    assert shared_value(first) is first and shared_value(again) is first
+    # Equal across types (1 == 1.0 == True) is not the same value.
+    assert type(shared_value(70_001)) is int
+    assert type(shared_value(70_001.0)) is float
+    assert type(shared_value(True)) is bool
+
+
+def test_shared_value_table_is_bounded() -> None:
+    for n in range(model._SHARED_LIMIT + 10):
+        shared_value(10**9 + n)
+    assert len(model._shared_values) <= model._SHARED_LIMIT
+
+
+def _units_of_one_transaction(snap: Snapshot, revision: int, count: int) -> None:
+    text = "[Service]\nExecStart=/bin/true\n"
+    for n in range(count):
+        name = f"web@{n}.service"
+        value = json.dumps({"name": name, "text": text, "hash": content_hash(text)})
+        # Fresh int objects for each key, as the etcd client hands them over.
+        rev = int(str(revision))
+        snap.apply(LAYOUT, f"/fleet/unit/{name}", value.encode(), rev, rev)
+        snap.apply(LAYOUT, f"/fleet/desired/{name}", b"launched", int(str(revision)))
+        owner = json.dumps({"machine_id": M}).encode()
+        claim = int(str(revision + 1))
+        snap.apply(LAYOUT, f"/fleet/owner/{name}", owner, claim, int(str(revision + 1)))
+
+
+def test_keys_of_one_transaction_share_records_and_revisions() -> None:
+    snap = Snapshot()
+    _units_of_one_transaction(snap, 123_456, 5)
+    desired = list(snap.desired.values())
+    owners = list(snap.owners.values())
+    assert all(d is desired[0] for d in desired)
+    assert desired[0] == Desired(DesiredState.LAUNCHED, 123_456)
+    assert all(o is owners[0] for o in owners)
+    assert owners[0] == Owner(M, 123_457, 123_457)
+    assert owners[0].revision is owners[0].mod_revision
+    revisions = {id(r.revision) for r in snap.units.values()}
+    assert len(revisions) == 1 and snap.units["web@3.service"].revision == 123_456
+
+
+def test_a_shared_record_stays_right_when_one_of_its_keys_changes() -> None:
+    snap = Snapshot()
+    _units_of_one_transaction(snap, 500_000, 3)
+    snap.apply(LAYOUT, "/fleet/desired/web@1.service", b"loaded", 500_010)
+    assert snap.desired["web@1.service"] == Desired(DesiredState.LOADED, 500_010)
+    assert snap.desired["web@0.service"] == Desired(DesiredState.LAUNCHED, 500_000)
+    assert snap.desired["web@2.service"] is snap.desired["web@0.service"]
+
+
+def test_a_known_name_is_not_validated_again_but_a_refused_one_always_is() -> None:
+    snap = Snapshot()
+    _units_of_one_transaction(snap, 7_000, 1)
+    assert snap.apply(LAYOUT, "/fleet/move/web@0.service", M.encode(), 7_002) is None
+    assert snap.moves == {"web@0.service": M}
+    for revision in (7_003, 7_004):
+        reason = snap.apply(LAYOUT, "/fleet/desired/bad name.service", b"launched", revision)
+        assert reason is not None and "invalid characters" in reason
+    assert "bad name.service" not in snap.desired
+
+
+def test_instances_of_a_template_share_its_name_parts() -> None:
+    one, two = parse_unit_name("db@1.service"), parse_unit_name("db@2.service")
+    assert one.prefix is two.prefix and one.suffix is two.suffix
+    assert one.template == "db@.service" and one.template is two.template
+    assert template_group("db@1.service") is template_group("db@2.service")
+    assert parse_unit_name("db@.service").template == "db@.service"
+    assert parse_unit_name("db.service").template is None
+    assert template_group("db.service") is None
+    assert template_group("bad name@1.service") is None

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fleetd import model
 from fleetd.keys import KeyLayout
 from fleetd.model import DesiredState, Owner, shared_value
-from fleetd.snapshot import Desired, Snapshot
+from fleetd.snapshot import Desired, OneState, Snapshot
 from fleetd.unitfile import content_hash, parse_unit_name, template_group
 
 LAYOUT = KeyLayout("/fleet/")
@@ -89,3 +91,44 @@ def test_instances_of_a_template_share_its_name_parts() -> None:
     assert parse_unit_name("db.service").template is None
     assert template_group("db.service") is None
     assert template_group("bad name@1.service") is None
+
+
+def _state_value(active: str) -> bytes:
+    return json.dumps(
+        {"load": "loaded", "active": active, "sub": "running", "hash": "h", "since": 1.5}
+    ).encode()
+
+
+def test_one_machines_state_is_a_small_mapping_that_reads_like_a_dict() -> None:
+    snap = Snapshot()
+    b = "b" * 32
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{M}", _state_value("active"), 10)
+    per = snap.states["web.service"]
+    assert isinstance(per, OneState)
+    state = per[M]
+    expected = {M: state}
+    assert per == expected and expected == per and dict(per) == expected
+    assert M in per and b not in per and len(per) == 1 and list(per) == [M]
+    assert per.get(M) is state and per.get(b) is None and per.get(b, "x") == "x"
+    assert {**per} == expected and list(per.items()) == [(M, state)]
+    assert repr(per) == repr(expected)
+    with pytest.raises(KeyError):
+        per[b]
+    # A second machine's state makes it a plain map; taking one away, small again.
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{b}", _state_value("failed"), 11)
+    both = snap.states["web.service"]
+    assert set(both) == {M, b} and both[M] is state and both[b].active == "failed"
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{M}", None, 12)
+    left = snap.states["web.service"]
+    assert isinstance(left, OneState) and list(left) == [b] and left[b].active == "failed"
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{b}", None, 13)
+    assert "web.service" not in snap.states
+
+
+def test_a_copy_shares_the_state_maps_and_later_events_leave_it_alone() -> None:
+    snap = Snapshot()
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{M}", _state_value("active"), 10)
+    copy = snap.copy()
+    snap.apply(LAYOUT, f"/fleet/state/web.service/{M}", _state_value("failed"), 11)
+    assert copy.states["web.service"][M].active == "active"
+    assert snap.states["web.service"][M].active == "failed"

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fleetd import model
+from fleetd.errors import InvalidUnitName
 from fleetd.keys import KeyLayout
 from fleetd.model import DesiredState, Owner, shared_value
 from fleetd.snapshot import Desired, OneState, Snapshot
@@ -132,3 +133,16 @@ def test_a_copy_shares_the_state_maps_and_later_events_leave_it_alone() -> None:
     snap.apply(LAYOUT, f"/fleet/state/web.service/{M}", _state_value("failed"), 11)
     assert copy.states["web.service"][M].active == "active"
     assert snap.states["web.service"][M].active == "failed"
+
+
+def test_name_parses_are_cached_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetd import unitfile
+
+    assert parse_unit_name("cache@7.service") is parse_unit_name("cache@7.service")
+    monkeypatch.setattr(unitfile, "_NAMES_LIMIT", 100)
+    for n in range(250):
+        assert parse_unit_name(f"bound@{n}.service").instance == str(n)
+        assert len(unitfile._names) <= 100
+    with pytest.raises(InvalidUnitName):
+        parse_unit_name("bad name.service")
+    assert "bad name.service" not in unitfile._names

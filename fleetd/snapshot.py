@@ -243,6 +243,10 @@ class Snapshot:
     # last `take_changes`: what an incremental planner needs to look at again. Published
     # states are left out (no plan reads them); a copy starts with an empty journal.
     changes: set[tuple[Kind, str]] = field(default_factory=set, compare=False, repr=False)
+    # Off while a whole registry is read into a fresh picture: every key would be journaled
+    # (30,000 entries, 3 MB, for 10,000 units) for planners that start from the whole picture
+    # anyway. The reader turns it on once the picture is complete.
+    journal: bool = field(default=True, compare=False, repr=False)
     # One string per unit name for all the maps above (each key would otherwise bring its own
     # copy of the name), and the unit texts by content hash, so instances of one template share
     # one text. Entries go when no map holds the name or hash any more; a copy starts without.
@@ -325,7 +329,7 @@ class Snapshot:
                 )
                 self._delete(kind, name, machine_id)
             if reason is None:
-                if kind is not Kind.STATE:
+                if kind is not Kind.STATE and self.journal:
                     self.changes.add((kind, name))
                 # A valid put replaces whatever the key held; a refused one leaves nothing.
                 self._delete(kind, name, machine_id)

@@ -9,7 +9,7 @@ import pytest
 
 from fleetd import model
 from fleetd.errors import InvalidUnitName
-from fleetd.keys import KeyLayout
+from fleetd.keys import KeyLayout, Kind
 from fleetd.model import DesiredState, Owner, shared_value
 from fleetd.snapshot import Desired, OneState, Snapshot
 from fleetd.unitfile import content_hash, parse_unit_name, template_group
@@ -146,3 +146,22 @@ def test_name_parses_are_cached_within_a_bound(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(InvalidUnitName):
         parse_unit_name("bad name.service")
     assert "bad name.service" not in unitfile._names
+
+
+def test_a_whole_read_starts_with_an_empty_journal_and_journals_what_follows() -> None:
+    from fleetd.fake_registry import FakeRegistry
+    from fleetd.snapshot import UnitRecord
+
+    registry = FakeRegistry()
+    text = "[Service]\nExecStart=/bin/true\n"
+    records = [UnitRecord(f"web@{n}.service", text, content_hash(text)) for n in range(3)]
+    registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    snap = registry.snapshot()
+    assert set(snap.units) == {r.name for r in records} and snap.changes == set()
+    assert snap.journal
+    snap.apply(LAYOUT, "/fleet/desired/web@1.service", b"loaded", snap.revision + 1)
+    assert snap.take_changes() == {(Kind.DESIRED, "web@1.service")}
+    # Without the journal, nothing is noted; the picture is the same.
+    quiet = Snapshot(journal=False)
+    quiet.apply(LAYOUT, "/fleet/desired/web@1.service", b"loaded", 9)
+    assert quiet.changes == set() and quiet.desired_state("web@1.service") is DesiredState.LOADED

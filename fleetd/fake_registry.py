@@ -168,11 +168,12 @@ class FakeRegistry:
     def snapshot(self) -> Snapshot:
         self._reachable()
         with self._lock:
-            snap = Snapshot()
+            snap = Snapshot(journal=False)  # as the etcd registry reads a whole picture
             for key in sorted(self._data):
                 v = self._data[key]
                 snap.apply(self.layout, key, v.value, v.mod_revision, v.create_revision)
             snap.revision = self._revision
+            snap.journal = True
             return snap
 
     def watch(self, start_revision: int, callback: WatchCallback) -> Callable[[], None]:

@@ -86,6 +86,7 @@ class IncrementalPlanner:
     """
 
     def __init__(self, snapshot: Snapshot) -> None:
+        self.resets = 0  # how often it started over (the next plan is then a full pass)
         self.reset(snapshot)
         self.evaluations = 0  # (unit, machine) verdicts computed, for benchmarks
 
@@ -93,6 +94,7 @@ class IncrementalPlanner:
 
     def reset(self, snapshot: Snapshot) -> None:
         """Forget everything and start from `snapshot` (the next plan is a full pass)."""
+        self.resets += 1
         self.view = View(snapshot)
         self.rankings = Rankings(self.view)
         self._machine_levels = {

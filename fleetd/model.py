@@ -9,8 +9,9 @@ of thousands of them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 # Values that repeat across thousands of keys (machine ids, systemd's state words, the content
 # hash of instances of one template) are kept once: a registry of 10,000 units would otherwise
@@ -29,6 +30,27 @@ def shared(text: str) -> str:
         _shared.clear()
     _shared[text] = text
     return text
+
+
+# Revisions and the small records built from them repeat too: every key of one etcd
+# transaction carries the same revision (fleetctl writes 60 units a transaction, claims and
+# published states go in batches), so the desired states of a batch are equal records, and so
+# are the owners of a batch of claims. Bounded like the strings.
+_shared_values: dict[Hashable, Hashable] = {}
+_V = TypeVar("_V", bound=Hashable)
+
+
+def shared_value(value: _V) -> _V:
+    """An equal immutable value (an int, a frozen record), the same object for every caller
+    while the table holds it. Only a value of the same type is returned: 1 and 1.0 are equal
+    but not interchangeable."""
+    found = _shared_values.get(value)
+    if found is not None and type(found) is type(value):
+        return found
+    if len(_shared_values) >= _SHARED_LIMIT:
+        _shared_values.clear()
+    _shared_values[value] = value
+    return value
 
 
 class DesiredState(enum.StrEnum):

@@ -335,7 +335,8 @@ class EtcdRegistry:
         prefix = self.layout.prefix
 
         def read() -> Snapshot:
-            snap = Snapshot()
+            # A fresh picture: nothing to journal until it is complete.
+            snap = Snapshot(journal=False)
             start, end = prefix.encode(), range_end(prefix)
             revision: int | None = None
             with _no_collection():
@@ -358,6 +359,7 @@ class EtcdRegistry:
                         break
                     start = bytes(response.kvs[-1].key) + b"\0"
             snap.revision = revision
+            snap.journal = True
             return snap
 
         result: Snapshot = self._retrying(read, doing="read access")

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetd.errors import InvalidUnitFile, InvalidUnitName, UnitTooLarge
 from fleetd.keys import UNITS_CHANGED, KeyLayout, Kind
-from fleetd.model import Container, DesiredState, Machine, Owner, PublishedState, shared
+from fleetd.model import (
+    Container,
+    DesiredState,
+    Machine,
+    Owner,
+    PublishedState,
+    shared,
+    shared_value,
+)
 from fleetd.unitfile import Requirements, content_hash, parse_unit_name, requirements_for
 
 
@@ -158,10 +166,11 @@ def _load(value: bytes | str) -> Any:
 _DESIRED_STATES: dict[str, DesiredState] = {state.value: state for state in DesiredState}
 
 
-@functools.lru_cache(maxsize=1 << 16)
+# Mostly refused names: a name the picture holds already passed (`Snapshot._names`), so the
+# cache need not hold one entry per unit of the registry.
+@functools.lru_cache(maxsize=1 << 10)
 def _name_refusal(name: str) -> str | None:
-    """Why systemd would refuse the unit name, or None. Every unit's name comes in four keys
-    (unit, desired, owner, state) and again in every watch event of them: validate it once."""
+    """Why systemd would refuse the unit name, or None."""
     try:
         parse_unit_name(name)
     except InvalidUnitName as exc:
@@ -170,6 +179,46 @@ def _name_refusal(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- snapshot
+
+
+class OneState(Mapping[str, PublishedState]):
+    """The published states of a unit only one machine published, as nearly every unit has
+    (its owner): a read-only mapping of that one entry, a quarter of a dict's size (10,000
+    one-entry dicts held about 2 MB)."""
+
+    __slots__ = ("_machine_id", "_state")
+
+    def __init__(self, machine_id: str, state: PublishedState) -> None:
+        self._machine_id = machine_id
+        self._state = state
+
+    def __getitem__(self, machine_id: str) -> PublishedState:
+        if machine_id == self._machine_id:
+            return self._state
+        raise KeyError(machine_id)
+
+    def __contains__(self, machine_id: object) -> bool:
+        return machine_id == self._machine_id
+
+    def get(self, machine_id: str, default: Any = None) -> Any:
+        return self._state if machine_id == self._machine_id else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self._machine_id,))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return repr({self._machine_id: self._state})
+
+
+def _states(per: dict[str, PublishedState]) -> Mapping[str, PublishedState]:
+    """A unit's published states as they are stored: one entry takes the small form."""
+    if len(per) == 1:
+        ((machine_id, state),) = per.items()
+        return OneState(machine_id, state)
+    return per
 
 
 @dataclass
@@ -184,7 +233,8 @@ class Snapshot:
     desired: dict[str, Desired] = field(default_factory=dict)
     owners: dict[str, Owner] = field(default_factory=dict)
     machines: dict[str, Machine] = field(default_factory=dict)
-    states: dict[str, dict[str, PublishedState]] = field(default_factory=dict)
+    # Per unit, its published states by machine: maps that are replaced, never changed.
+    states: dict[str, Mapping[str, PublishedState]] = field(default_factory=dict)
     moves: dict[str, str] = field(default_factory=dict)  # unit -> machine a rebalance wants
     # Registry keys under the prefix that no agent acts on, with the reason: a name systemd
     # would refuse, an undecodable value, an unknown desired state, a key of no known kind.
@@ -193,9 +243,16 @@ class Snapshot:
     # last `take_changes`: what an incremental planner needs to look at again. Published
     # states are left out (no plan reads them); a copy starts with an empty journal.
     changes: set[tuple[Kind, str]] = field(default_factory=set, compare=False, repr=False)
+    # Off while a whole registry is read into a fresh picture: every key would be journaled
+    # (30,000 entries, 3 MB, for 10,000 units) for planners that start from the whole picture
+    # anyway. The reader turns it on once the picture is complete.
+    journal: bool = field(default=True, compare=False, repr=False)
     # One string per unit name for all the maps above (each key would otherwise bring its own
     # copy of the name), and the unit texts by content hash, so instances of one template share
     # one text. Entries go when no map holds the name or hash any more; a copy starts without.
+    # A name in `_names` is valid: it got there through `_put`, after the name was checked (so
+    # every unit's name, which comes in four keys and again in each watch event of them, is
+    # validated once while the picture holds it).
     _names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _texts: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -258,7 +315,9 @@ class Snapshot:
             )
         else:
             kind, name, machine_id = parts
-            reason = None if kind is Kind.MACHINE else _name_refusal(name)
+            reason = (
+                None if kind is Kind.MACHINE or name in self._names else _name_refusal(name)
+            )
             too_large = value is not None and len(value) > MAX_UNIT_VALUE_BYTES
             if reason is None and kind is Kind.UNIT and too_large:
                 # fleetctl never stores more; a larger value came from another writer, and an
@@ -270,7 +329,7 @@ class Snapshot:
                 )
                 self._delete(kind, name, machine_id)
             if reason is None:
-                if kind is not Kind.STATE:
+                if kind is not Kind.STATE and self.journal:
                     self.changes.add((kind, name))
                 # A valid put replaces whatever the key held; a refused one leaves nothing.
                 self._delete(kind, name, machine_id)
@@ -328,7 +387,7 @@ class Snapshot:
             if per is not None and machine_id in per:
                 rest = {m: s for m, s in per.items() if m != machine_id}
                 if rest:
-                    self.states[name] = rest
+                    self.states[name] = _states(rest)
                 else:
                     del self.states[name]
             return
@@ -368,7 +427,8 @@ class Snapshot:
             text = value.decode()
             # The enum's own call raises the error (and message) of an unknown state.
             state = _DESIRED_STATES.get(text) or DesiredState(text)
-            self.desired[name] = Desired(state, mod_revision)
+            # The units of one transaction share one revision: one record for all of them.
+            self.desired[name] = shared_value(Desired(state, shared_value(mod_revision)))
         elif kind is Kind.MOVE:
             self.moves[name] = value.decode()
         else:
@@ -388,7 +448,11 @@ class Snapshot:
                     _container(data.get("container")),
                 )
                 # Replaced, not changed: copies share these maps.
-                self.states[name] = {**self.states.get(name, {}), machine_id: published}
+                per = self.states.get(name)
+                if per:
+                    self.states[name] = _states({**per, machine_id: published})
+                else:
+                    self.states[name] = OneState(machine_id, published)
             elif kind is Kind.UNIT:
                 if not isinstance(data["text"], str):
                     raise TypeError("unit text is not a string")
@@ -398,15 +462,19 @@ class Snapshot:
                 if hash_ != content_hash(data["text"]):
                     raise ValueError("its hash is not the hash of its text")
                 self.units[name] = UnitRecord(
-                    name, self._text(data["text"], hash_), hash_, mod_revision
+                    name, self._text(data["text"], hash_), hash_, shared_value(mod_revision)
                 )
             elif kind is Kind.OWNER:
-                # Mostly one revision (the claim created the key): then one int object.
+                # Mostly one revision (the claim created the key): then one int object; and
+                # the claims of one batch are one record.
+                mod_revision = shared_value(mod_revision)
                 created = create_revision or mod_revision
-                self.owners[name] = Owner(
-                    shared(str(data["machine_id"])),
-                    mod_revision if created == mod_revision else created,
-                    mod_revision,
+                self.owners[name] = shared_value(
+                    Owner(
+                        shared(str(data["machine_id"])),
+                        mod_revision if created == mod_revision else shared_value(created),
+                        mod_revision,
+                    )
                 )
             elif kind is Kind.MACHINE:
                 metadata: Mapping[str, str] = {

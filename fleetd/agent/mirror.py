@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from fleetd.incremental import IncrementalPlanner
+from fleetd.memory import release_free_memory
 from fleetd.metrics import count_by
 from fleetd.placement import Placement, View
 from fleetd.planner import BID_DEPTH
@@ -36,8 +37,16 @@ PLAN_HISTORY = 20_000
 
 
 class Mirror:
-    def __init__(self, registry: Registry, wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        wake: Callable[[], None],
+        release_memory: Callable[[], object] = release_free_memory,
+    ) -> None:
         self.registry = registry
+        # Called after each full planning pass (after a full read, or when machines changed):
+        # what the read and the pass needed only for a while goes back to the system.
+        self._release_memory = release_memory
         self._wakes = [wake]
         self._users = 1
         self._lock = threading.Lock()
@@ -149,11 +158,16 @@ class Mirror:
             if planner is None:
                 planner = IncrementalPlanner(snap)
                 self._planner = (epoch, planner)
+                resets = 0
             else:
+                resets = planner.resets
                 planner.update(snap, changes)
             evaluated = planner.evaluations
             plan = planner.plan(limit, BID_DEPTH)
             took = time.perf_counter() - started
+            if planner.resets != resets:
+                # A full pass: its scratch, and a fresh read's, is free now.
+                self._release_memory()
             self.plan_times.append(took)
             if planned is not None:
                 planned(took)

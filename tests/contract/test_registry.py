@@ -16,6 +16,7 @@ import pytest
 from fleetd.clock import FakeClock
 from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
+from fleetd.keys import Kind
 from fleetd.model import DesiredState, Machine, PublishedState
 from fleetd.placement import NO_GUARDS, Guards
 from fleetd.ports import Registry, WatchEvent
@@ -263,6 +264,16 @@ def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> N
     snap = reg.snapshot()
     assert set(snap.refused) == {reg.layout.unit(".x.service"), reg.layout.desired("a.service")}
     assert snap.units == {} and snap.desired == {}
+
+
+def test_a_snapshot_is_the_whole_picture_with_an_empty_journal(backend: Backend) -> None:
+    """Planners start from a fresh read's whole picture: it journals only what follows."""
+    snap = backend.submit("a.service", "b.service")
+    assert set(snap.units) == {"a.service", "b.service"}
+    assert snap.changes == set() and snap.journal
+    key = backend.registry.layout.desired("a.service")
+    snap.apply(backend.registry.layout, key, b"loaded", snap.revision + 1)
+    assert snap.take_changes() == {(Kind.DESIRED, "a.service")}
 
 
 def test_published_states_are_written_and_withdrawn_in_bulk(backend: Backend) -> None:

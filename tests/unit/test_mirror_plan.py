@@ -5,6 +5,9 @@ share its watch until the last of them closes it."""
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -173,3 +176,44 @@ def test_a_machines_bids_are_the_units_that_rank_it_high_enough() -> None:
         expected = {u: p for u, p in plan.items() if me in p.ranked[:BID_DEPTH]}
         assert dict(mirror.bids(plan, me)) == expected
     assert mirror.bids(plan, "nobody") == {}
+
+
+def test_free_memory_is_released_after_each_full_pass_and_only_then() -> None:
+    registry = FakeRegistry()
+    lease = registry.grant_lease(10)
+    registry.register_machine(Machine("m1", name="m1"), lease)
+    records = [UnitRecord(f"web@{i}.service", text(""), content_hash(text(""))) for i in range(5)]
+    registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    released: list[int] = []
+    mirror = Mirror(registry, lambda: None, release_memory=lambda: released.append(1))
+    mirror.sync()
+    assert released == []  # the read alone: the pass that follows needs memory too
+    mirror.plan(lambda s: 100)
+    assert len(released) == 1
+    mirror.plan(lambda s: 100)  # the same revision, planned already
+    assert len(released) == 1
+    # A unit changed: an incremental pass, nothing to release.
+    more = [UnitRecord("db.service", text(""), content_hash(text("")))]
+    registry.write_units(more, DesiredState.LAUNCHED, mirror.copy())
+    _, plan = mirror.plan(lambda s: 100)
+    assert "db.service" in plan and len(released) == 1
+    # A machine joined: the planner starts over, a full pass.
+    registry.register_machine(Machine("m2", name="m2"), lease)
+    mirror.plan(lambda s: 100)
+    assert len(released) == 2
+    # A fresh read: a new planner, a full pass.
+    mirror.sync()
+    mirror.plan(lambda s: 100)
+    assert len(released) == 3
+    mirror.close()
+
+
+def test_free_memory_goes_back_through_glibc_and_is_a_no_op_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleetd import memory
+
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert memory.release_free_memory() is on_glibc
+    monkeypatch.setattr(memory, "_TRIM", None)  # a C library without malloc_trim
+    assert memory.release_free_memory() is False

@@ -298,7 +298,7 @@ class FakeUnitManager:
         return {name: content_hash(text) for name, text in self._files.items()}
 
     @_locked
-    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+    def states(self, names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
         self._answer("read the state of", "units")
         result: dict[str, SystemdState] = {}
         for name in names:

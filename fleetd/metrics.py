@@ -281,9 +281,9 @@ class InstrumentedUnitManager:
         with self._measure("loaded_units"):
             return self.inner.loaded_units()
 
-    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+    def states(self, names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
         with self._measure("states"):
-            return self.inner.states(names)
+            return self.inner.states(names, patient)
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
         with self._measure("main_pids"):

@@ -197,9 +197,11 @@ class UnitManager(Protocol):
         file text."""
         ...
 
-    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+    def states(self, names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
         """systemd's LoadState/ActiveState/SubState of each named unit (a unit systemd does not
-        know reads as load "not-found", active "inactive", sub "dead")."""
+        know reads as load "not-found", active "inactive", sub "dead"). A state read waits the
+        adapter's short timeout, as fencing needs; `patient` waits the full call timeout (a
+        manager busy forking a batch of just-started units answers only once it is done)."""
         ...
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:

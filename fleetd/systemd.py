@@ -329,13 +329,13 @@ class DbusUnitManager:
         entry.unlink(missing_ok=True)
         return False
 
-    def states(self, names: Iterable[str]) -> dict[str, SystemdState]:
+    def states(self, names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return {}
         rows = self._call(
             _label(wanted), "read the state of", "ListUnitsByNames", wanted,
-            timeout=self.fast_timeout,
+            timeout=self.timeout if patient else self.fast_timeout,
         )
         found = {row[0]: self._with_container(_state(row), row[0]) for row in rows or []}
         return {name: found.get(name, NOT_FOUND) for name in wanted}

@@ -185,7 +185,9 @@ class Reconciler:
         mine = set(view.owned_by.get(self.me, ()))
         names = set(loaded) | mine
         self.executor.note_units(names | set(self.executor.known_units))
-        states = self.manager.states(names) if names else {}
+        # Patient reads: the round after a batch of starts finds the manager still forking
+        # them, and it answers only then; the short timeout is for the fencer's reads.
+        states = self.manager.states(names, patient=True) if names else {}
         # Launched by this agent: what the operator wants launched, and what dropped to loaded
         # but still runs (its stop is due). A loaded unit systemd started as a dependency is not.
         launched = still_started(snap, states, names)
@@ -201,7 +203,7 @@ class Reconciler:
         # Read back what the tasks did, so published states are systemd's, not our intent.
         loaded = self.manager.loaded_units()
         self.executor.note_units(set(loaded) | mine)
-        states = self.manager.states(loaded) if loaded else {}
+        states = self.manager.states(loaded, patient=True) if loaded else {}
         self.publisher.publish(self.view(), snap, loaded, states, reasons)
         settling = self._settling(states)
         self.metrics.units(

@@ -769,3 +769,14 @@ def test_a_unit_the_manager_does_not_know_starts_from_its_new_file_without_a_rel
     backend.start(names[0])
     assert backend.wait_active(names[0]) == SystemdState("loaded", "active", "running")
     assert backend.running_marker(names[0], "v2") == "v2"
+
+
+def test_a_patient_state_read_reads_what_a_quick_one_reads(backend: Backend) -> None:
+    """`patient` only changes how long the read may wait for the manager's answer."""
+    name, absent = backend.unit_name("patient"), backend.unit_name("absent")
+    backend.manager.load(name, looping_unit("v1", backend.out(name)))
+    backend.start(name)
+    backend.wait_active(name)
+    quick = backend.manager.states([name, absent])
+    assert backend.manager.states([name, absent], patient=True) == quick
+    assert quick == {name: SystemdState("loaded", "active", "running"), absent: NOT_FOUND}

@@ -205,6 +205,39 @@ def test_fencing_stops_then_kills_before_the_deadline_counted_from_the_send_time
     assert cluster.running("u.service") == {"b"}
 
 
+def test_rounds_wait_patiently_for_states_but_the_fencer_never_does(cluster: Cluster) -> None:
+    """A manager busy forking a batch of just-started units answers a state read only when it
+    is done: the reconcile round waits the full call timeout for it (it failed after the short
+    one, then waited a backoff), while every read of the fencer keeps the short timeout."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    real_states = manager.states
+    reads: list[bool] = []
+    recording = False
+
+    def states(names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
+        if recording:  # the agent's reads, not the test's own checks
+            reads.append(patient)
+        return real_states(names, patient)
+
+    manager.states = states  # type: ignore[method-assign]
+    cluster.submit({"u.service": unit(), "v.service": unit()})
+    recording = True
+    for _ in range(3):
+        a.step()
+    recording = False
+    assert cluster.running("u.service") == {"a"}
+    assert reads and all(reads)
+    reads.clear()
+    cluster.registry.unavailable = True
+    advance_to(cluster, a.lease().deadline - MARGIN)
+    recording = True
+    a.fencer.tick()
+    recording = False
+    assert cluster.running("u.service") == set()
+    assert reads and not any(reads)
+
+
 def test_a_start_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
     a = cluster.add("a")
     manager = cluster.managers["a"]

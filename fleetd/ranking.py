@@ -27,6 +27,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from fleetd.model import shared_value
 from fleetd.placement import (
     RING,
     STATIC_CHECKERS,
@@ -201,7 +202,9 @@ class Rankings:
         ranked = cls.walk(cls.root, 0, ring_position(unit))
         if depth is not None:
             ranked = itertools.islice(ranked, depth)
-        return Placement(unit, tuple(m for _, _, m in ranked), cls.refusals)
+        # Units of a class rank the same few machines, mostly in the same few orders: one tuple
+        # for each order (a window of 4,000 waiting units held 4,000 copies).
+        return Placement(unit, shared_value(tuple(m for _, _, m in ranked)), cls.refusals)
 
 
 __all__ = ["MAX_CLASSES", "Rankings", "is_plain"]

@@ -61,6 +61,7 @@ class Mirror:
         self._read_done = 0  # the number of the last read that succeeded
         self._copy: tuple[tuple[int, int], Snapshot] | None = None
         self._view: tuple[Snapshot, View] | None = None
+        self._view_lock = threading.Lock()  # one build per copy, however many callers wait
         self._counts: tuple[Snapshot, Mapping[str, int]] | None = None
         self._bids: tuple[Mapping[str, Placement], dict[str, dict[str, Placement]]] | None = None
         self._plan_lock = threading.Lock()
@@ -102,13 +103,17 @@ class Mirror:
 
     def view(self, snap: Snapshot) -> View:
         """The placement indexes of a copy this mirror handed out, built once per copy."""
-        with self._lock:
-            if self._view is not None and self._view[0] is snap:
-                return self._view[1]
-        view = View(snap)
-        with self._lock:
-            self._view = (snap, view)
-        return view
+        with self._view_lock:
+            with self._lock:
+                if self._view is not None and self._view[0] is snap:
+                    return self._view[1]
+            # Built outside the mirror's lock (the watch thread must not wait for it), but
+            # under the build lock: agents sharing the mirror that ask at once would otherwise
+            # each build the same View (45 ms at 10,000 units), side by side.
+            view = View(snap)
+            with self._lock:
+                self._view = (snap, view)
+            return view
 
     def bids(self, plan: Mapping[str, Placement], me: str) -> Mapping[str, Placement]:
         """The units of `plan` that machine `me` may bid for (it is among their first

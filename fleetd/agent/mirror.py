@@ -66,7 +66,9 @@ class Mirror:
         self._bids: tuple[Mapping[str, Placement], dict[str, dict[str, Placement]]] | None = None
         self._plan_lock = threading.Lock()
         self._planner: tuple[int, IncrementalPlanner] | None = None
-        self._plan: tuple[tuple[int, int, int], Snapshot, Mapping[str, Placement]] | None = None
+        self._plan: (
+            tuple[tuple[int, int, int, int], Snapshot, Mapping[str, Placement]] | None
+        ) = None
         # Seconds and (unit, machine) evaluations of recent planning passes, for benchmarks.
         # Bounded well below a long-running agent's count of passes: 100,000 of each held
         # about 8 MB.
@@ -143,10 +145,12 @@ class Mirror:
         self,
         window: Callable[[Snapshot], int],
         planned: Callable[[float], None] | None = None,
+        plain_share: int = 1,
     ) -> tuple[Snapshot, Mapping[str, Placement]]:
         """The current copy and its placement plan (as `plan_placements(copy, limit=...,
-        depth=BID_DEPTH)` would compute it, `window` giving the limit: only the best BID_DEPTH
-        machines of a unit ever bid), planned incrementally once per revision.
+        depth=BID_DEPTH, plain_share=plain_share)` would compute it, `window` giving the limit:
+        only the best BID_DEPTH machines of a unit ever bid), planned incrementally once per
+        revision.
         `planned` hears the seconds a pass took, only when this call planned (not when it found
         the revision planned already)."""
         with self._plan_lock:
@@ -155,7 +159,7 @@ class Mirror:
                 changes = self._snapshot.take_changes()
                 epoch = self._epoch
             limit = window(snap)
-            key = (epoch, snap.revision, limit)
+            key = (epoch, snap.revision, limit, plain_share)
             if self._plan is not None and self._plan[0] == key:
                 return self._plan[1], self._plan[2]
             started = time.perf_counter()
@@ -168,7 +172,7 @@ class Mirror:
                 resets = planner.resets
                 planner.update(snap, changes)
             evaluated = planner.evaluations
-            plan = planner.plan(limit, BID_DEPTH)
+            plan = planner.plan(limit, BID_DEPTH, plain_share)
             took = time.perf_counter() - started
             if planner.resets != resets:
                 # A full pass: its scratch, and a fresh read's, is free now.

@@ -42,6 +42,7 @@ from fleetd.placement import (
     is_pending,
     score,
     unit_blocked,
+    window_cost,
 )
 from fleetd.ranking import Rankings, is_plain
 from fleetd.snapshot import Snapshot
@@ -118,12 +119,18 @@ class IncrementalPlanner:
         self._last = _Pass()
         self._base_before: dict[str, str | None] = {}  # unit -> location at the last pass
         self._touched: set[str] = set()  # units whose content changed since the last pass
+        # The last plan and the arguments it was made with, while no change came since: a
+        # revision that brought only published states (not journaled: no plan reads them)
+        # plans nothing again.
+        self._made: tuple[tuple[int | None, int | None, int], dict[str, Placement]] | None = None
 
     def update(self, snapshot: Snapshot, changes: Iterable[Change]) -> None:
         """Take in `snapshot`, which differs from the previous one by the keys in `changes`."""
         view = self.view
         view.snapshot = snapshot
         changed = set(changes)
+        if changed:
+            self._made = None
         if any(kind is Kind.MACHINE for kind, _ in changed) or snapshot.machines.keys() != (
             view.machines.keys()
         ):
@@ -231,9 +238,15 @@ class IncrementalPlanner:
             return follower_order(list(self._pending), self.view.requirements)
         return self._pending
 
-    def plan(self, limit: int | None = None, depth: int | None = None) -> dict[str, Placement]:
-        """The same plan as `plan_placements(snapshot, limit=limit, depth=depth)` for the latest
-        snapshot."""
+    def plan(
+        self, limit: int | None = None, depth: int | None = None, plain_share: int = 1
+    ) -> dict[str, Placement]:
+        """The same plan as `plan_placements(snapshot, limit=limit, depth=depth,
+        plain_share=plain_share)` for the latest snapshot. The result is shared with later calls
+        that find nothing changed: callers only read it."""
+        args = (limit, depth, plain_share)
+        if self._made is not None and self._made[0] == args:
+            return self._made[1]
         view = self.view
         last = self._last
         diff = _Diff(view, self._touched, self._anonymous)
@@ -245,11 +258,11 @@ class IncrementalPlanner:
         current = _Pass()
         plan: dict[str, Placement] = {}
         cache: dict[str, _Entry] = {}
-        placeable = 0
+        spent = 0  # of the limit, in units of 1/plain_share (as plan_placements counts)
         cursor = 0  # how far the previous pass has been replayed
         try:
             for unit in self.order():
-                if limit is not None and placeable >= limit:
+                if limit is not None and spent >= limit * plain_share:
                     break
                 j = last.position.get(unit)
                 entry = self._cache.get(unit)
@@ -272,7 +285,7 @@ class IncrementalPlanner:
                     view.place(unit, top)
                     diff.new_decisions.add(unit)
                     current.decision[unit] = top
-                    placeable += 1
+                    spent += window_cost(view, unit, plain_share)
                 diff.refresh(unit)
                 plan[unit] = cut(placement, depth)
         finally:
@@ -282,6 +295,7 @@ class IncrementalPlanner:
         self._last = current
         self._base_before = {}
         self._touched = set()
+        self._made = (args, plan)
         return plan
 
     def _evaluate(

@@ -728,27 +728,39 @@ def plan_placements(
     view: View | None = None,
     limit: int | None = None,
     depth: int | None = None,
+    plain_share: int = 1,
 ) -> dict[str, Placement]:
     """The ranked plan for unowned units, each decision overlaid before the next.
 
     With `limit`, planning stops after that many placeable units: a pass then costs
     O(limit x machines) however many units wait, and since every agent cuts the same prefix of
     the same order, agents still agree on who bids first. The rest follow in later passes, as
-    the claims of this one land. With `depth`, each unit's ranking is cut to its best `depth`
-    machines (only those ever bid: fleetd.planner.BID_DEPTH).
+    the claims of this one land. A placeable plain unit (`is_plain`) counts as 1/`plain_share`
+    of a unit against the limit: it is ranked without a verdict per machine. With `depth`,
+    each unit's ranking is cut to its best `depth` machines (only those ever bid:
+    fleetd.planner.BID_DEPTH).
     """
     view = view or View(snapshot)
     plan: dict[str, Placement] = {}
-    placeable = 0
+    spent = 0  # placeable units so far, each plain one counting 1, any other plain_share
     for unit in pending_units(snapshot, view):
-        if limit is not None and placeable >= limit:
+        if limit is not None and spent >= limit * plain_share:
             break
         placement = _evaluate(unit, view)
         if placement.ranked:
             view.place(unit, placement.ranked[0])
-            placeable += 1
+            spent += window_cost(view, unit, plain_share)
         plan[unit] = cut(placement, depth)
     return plan
+
+
+def window_cost(view: View, unit: str, plain_share: int) -> int:
+    """What a placeable unit spends of a pass's limit (in units of 1/plain_share): 1 for a
+    plain unit, plain_share for any other."""
+    if plain_share == 1:
+        return 1
+    req = view.requirements.get(unit)
+    return 1 if req is not None and is_plain(view, unit, req) else plain_share
 
 
 def cut(placement: Placement, depth: int | None) -> Placement:

@@ -9,7 +9,8 @@
 2. The incremental planner at 10,000 template instances on 200 machines (with and without zone
    metadata), fed random batches of 1-8 claims of planned units as agents would make them: CPU
    milliseconds per planning pass, p50 / p99, and (unit, machine) verdicts evaluated per pass.
-   The agents' plan window applies (fleetd.agent.reconcile.plan_window).
+   The agents' plan window applies (fleetd.agent.reconcile.plan_window, plain units counting
+   1/PLAIN_SHARE each).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fleetd.agent.reconcile import plan_window  # noqa: E402
+from fleetd.agent.reconcile import PLAIN_SHARE, plan_window  # noqa: E402
 from fleetd.incremental import IncrementalPlanner  # noqa: E402
 from fleetd.keys import Kind  # noqa: E402
 from fleetd.model import DesiredState, Machine, Owner  # noqa: E402
@@ -66,7 +67,7 @@ def incremental(units: int, machines: int, zones: int, events: int) -> None:
     limit = plan_window(snap)
     start = time.process_time()
     planner = IncrementalPlanner(snap.copy())
-    plan = planner.plan(limit, BID_DEPTH)
+    plan = planner.plan(limit, BID_DEPTH, PLAIN_SHARE)
     first = time.process_time() - start
     rng = random.Random(1)
     times: list[float] = []
@@ -84,14 +85,15 @@ def incremental(units: int, machines: int, zones: int, events: int) -> None:
         before = planner.evaluations
         start = time.process_time()
         planner.update(snap.copy(), changes)
-        plan = planner.plan(limit, BID_DEPTH)
+        plan = planner.plan(limit, BID_DEPTH, PLAIN_SHARE)
         times.append(time.process_time() - start)
         evaluated.append(planner.evaluations - before)
     times.sort()
     p50 = times[len(times) // 2]
     p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
     where = f"{zones} zones" if zones else "no zones"
-    print(f"incremental, {units} x {machines} ({where}), window {limit}: first pass "
+    print(f"incremental, {units} x {machines} ({where}), window {limit} "
+          f"({limit * PLAIN_SHARE} plain): first pass "
           f"{first:.2f} s; per pass after a batch of claims p50 {p50 * 1000:.1f} "
           f"ms, p99 {p99 * 1000:.1f} ms over {len(times)} passes; verdicts evaluated per pass "
           f"p50 {statistics.median(evaluated):.0f}")

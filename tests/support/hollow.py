@@ -81,11 +81,12 @@ class HeldMirror(Mirror):
         self,
         window: Callable[[Snapshot], int],
         planned: Callable[[float], None] | None = None,
+        plain_share: int = 1,
     ) -> tuple[Snapshot, Mapping[str, Placement]]:
         with self._hold_lock:
             if self._holding and self._held is not None:
                 return self._held
-            result = super().plan(window, planned)
+            result = super().plan(window, planned, plain_share)
             if self._holding:
                 self._held = result
             return result

@@ -101,6 +101,7 @@ events = st.one_of(
     st.tuples(st.just("machine"), st.sampled_from(MACHINES), st.integers(0, len(METADATA) - 1)),
     st.tuples(st.just("leave"), st.sampled_from(MACHINES)),
     st.tuples(st.just("move"), st.sampled_from(NAMES), st.sampled_from([*MACHINES, None])),
+    st.tuples(st.just("state"), st.sampled_from(NAMES)),
 )
 
 
@@ -178,6 +179,9 @@ class World:
             else:
                 snap.moves[name] = str(target)
             self.changes.add((Kind.MOVE, name))
+        elif kind == "state":
+            # A published state: a new revision, nothing journaled (no plan reads states).
+            self.tick()
 
     def drain(self) -> set[Change]:
         changes, self.changes = self.changes, set()
@@ -201,6 +205,7 @@ class World:
     script=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=40),
     limit=st.one_of(st.none(), st.integers(1, 4)),
     depth=st.one_of(st.none(), st.integers(1, 3)),
+    share=st.sampled_from([1, 1, 2, 3]),
 )
 def test_incremental_plan_equals_the_full_pass(
     machines: list[tuple[str, int]],
@@ -208,6 +213,7 @@ def test_incremental_plan_equals_the_full_pass(
     script: list[list[tuple[object, ...]]],
     limit: int | None,
     depth: int | None,
+    share: int,
 ) -> None:
     world = World()
     for machine_id, meta in machines:
@@ -216,14 +222,16 @@ def test_incremental_plan_equals_the_full_pass(
         world.apply(("unit", name, rule), {})
     world.drain()
     planner = IncrementalPlanner(world.snap.copy())
-    plan = planner.plan(limit, depth)
-    assert plan == plan_placements(world.snap.copy(), limit=limit, depth=depth)
+    plan = planner.plan(limit, depth, share)
+    assert plan == plan_placements(world.snap.copy(), limit=limit, depth=depth, plain_share=share)
     for batch in script:
         for event in batch:
             world.apply(event, plan)
         planner.update(world.snap.copy(), world.drain())
-        plan = planner.plan(limit, depth)
-        expected = plan_placements(world.snap.copy(), limit=limit, depth=depth)
+        plan = planner.plan(limit, depth, share)
+        expected = plan_placements(
+            world.snap.copy(), limit=limit, depth=depth, plain_share=share
+        )
         assert plan == expected, (batch, plan, expected)
 
 
@@ -270,3 +278,48 @@ def test_plain_units_are_ranked_from_count_buckets_exactly_as_the_full_pass() ->
     world.apply(("claim-any", "web@3.service", second), plan)
     planner.update(world.snap.copy(), world.drain())
     assert planner.plan(depth=2) == plan_placements(world.snap.copy(), depth=2)
+
+
+def test_a_revision_of_published_states_alone_plans_nothing_again() -> None:
+    """States are not journaled: a revision that brought only them hands back the last plan
+    itself, and the next real change (a claim) is planned afresh."""
+    world = World()
+    for i in range(4):
+        world.apply(("machine", f"m{i}", i % len(METADATA)), {})
+    for i in range(12):
+        world.apply(("unit", f"web@{i}.service", ""), {})
+    world.drain()
+    planner = IncrementalPlanner(world.snap.copy())
+    plan = planner.plan(3, 2, 2)
+    world.apply(("state", "web@0.service"), plan)
+    planner.update(world.snap.copy(), world.drain())
+    assert planner.plan(3, 2, 2) is plan
+    # Other arguments are another plan.
+    assert planner.plan(5, 2, 2) == plan_placements(
+        world.snap.copy(), limit=5, depth=2, plain_share=2
+    )
+    plan = planner.plan(3, 2, 2)
+    first = next(p for p in plan.values() if p.ranked)
+    world.apply(("claim-any", first.unit, first.ranked[0]), plan)
+    planner.update(world.snap.copy(), world.drain())
+    again = planner.plan(3, 2, 2)
+    assert first.unit not in again
+    assert again == plan_placements(world.snap.copy(), limit=3, depth=2, plain_share=2)
+
+
+def test_plain_units_count_a_share_of_the_window() -> None:
+    """With plain_share, the window holds that many times more plain units, and a unit
+    evaluated machine by machine still counts whole."""
+    world = World()
+    for i in range(3):
+        world.apply(("machine", f"m{i}", 0), {})
+    for i in range(10):
+        world.apply(("unit", f"a{i}.service", ""), {})
+        world.apply(("unit", f"b{i}.service", "MaxPerMachine=100"), {})
+    plain = plan_placements(world.snap.copy(), limit=2, plain_share=3)
+    assert sorted(plain) == [f"a{i}.service" for i in range(6)]
+    world.drain()
+    for i in range(10):
+        world.apply(("destroy", f"a{i}.service"), {})
+    mixed = plan_placements(world.snap.copy(), limit=2, plain_share=3)
+    assert sorted(mixed) == ["b0.service", "b1.service"]

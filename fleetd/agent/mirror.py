@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from fleetd.incremental import IncrementalPlanner
 from fleetd.memory import release_free_memory
@@ -34,6 +35,18 @@ from fleetd.snapshot import Snapshot
 log = logging.getLogger("fleetd")
 
 PLAN_HISTORY = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class PlanPass:
+    """One planning pass: its seconds, the (unit, machine) verdicts it evaluated afresh, the
+    changed keys it took in, and whether it planned from the whole picture (a new planner, or
+    one that had to start over) rather than from the changes."""
+
+    seconds: float
+    evaluations: int
+    events: int
+    full: bool
 
 
 class Mirror:
@@ -69,12 +82,9 @@ class Mirror:
         self._plan: (
             tuple[tuple[int, int, int, int], Snapshot, Mapping[str, Placement]] | None
         ) = None
-        # Seconds and (unit, machine) evaluations of recent planning passes, for benchmarks.
-        # Bounded well below a long-running agent's count of passes: 100,000 of each held
-        # about 8 MB.
-        self.plan_times: deque[float] = deque(maxlen=PLAN_HISTORY)
-        self.plan_evaluations: deque[int] = deque(maxlen=PLAN_HISTORY)
-        self.plan_events: deque[int] = deque(maxlen=PLAN_HISTORY)  # keys each pass took in
+        # Recent planning passes, for benchmarks. Bounded well below a long-running agent's
+        # count of passes: 100,000 held about 8 MB.
+        self._passes: deque[PlanPass] = deque(maxlen=PLAN_HISTORY)
 
     def share(self, wake: Callable[[], None]) -> Mirror:
         """Another agent of this process uses this mirror too; `wake` rouses it on changes."""
@@ -167,23 +177,33 @@ class Mirror:
             if planner is None:
                 planner = IncrementalPlanner(snap)
                 self._planner = (epoch, planner)
-                resets = 0
+                resets = -1
             else:
                 resets = planner.resets
                 planner.update(snap, changes)
             evaluated = planner.evaluations
             plan = planner.plan(limit, BID_DEPTH, plain_share)
             took = time.perf_counter() - started
-            if planner.resets != resets:
+            full = planner.resets != resets
+            if full:
                 # A full pass: its scratch, and a fresh read's, is free now.
                 self._release_memory()
-            self.plan_times.append(took)
+            self._passes.append(
+                PlanPass(took, planner.evaluations - evaluated, len(changes), full)
+            )
             if planned is not None:
                 planned(took)
-            self.plan_evaluations.append(planner.evaluations - evaluated)
-            self.plan_events.append(len(changes))
             self._plan = (key, snap, plan)
             return snap, plan
+
+    def plan_passes(self, clear: bool = False) -> list[PlanPass]:
+        """The planning passes recorded since the last clear (oldest first); `clear` starts
+        a new record. Taken under the planning lock: a pass is recorded whole or not at all."""
+        with self._plan_lock:
+            passes = list(self._passes)
+            if clear:
+                self._passes.clear()
+            return passes
 
     def reads(self) -> int:
         """A token for `sync(newer_than=...)`: how many full reads have begun so far."""

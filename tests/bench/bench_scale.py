@@ -13,7 +13,8 @@ keys, claims and published states. Printed, in one run:
 - seconds until all units are claimed and until all are published active; placements per second
   and their ratio to the ceiling;
 - planning time per planning pass (each pass takes in one batch of watch events): p50 and p99,
-  and (unit, machine) evaluations per pass;
+  and (unit, machine) evaluations per pass; per watch event (an incremental pass's time over
+  the keys it took in), with the passes that planned from the whole picture shown apart;
 - etcd proposals per placement (etcd's proposals_committed counter over the placement);
 - balance: units per machine, max - min;
 - memory: the process's RSS growth per hollow machine, and RSS with every unit in the snapshot;
@@ -166,9 +167,7 @@ def main() -> None:
             names = {f"hello@{i}.service" for i in range(args.units)}
             text = unit_text("hello")
             before = proposals(endpoint)
-            mirror.plan_times.clear()
-            mirror.plan_evaluations.clear()
-            mirror.plan_events.clear()
+            mirror.plan_passes(clear=True)
             start = time.monotonic()
             submit(endpoint, prefix, {n: text for n in sorted(names)})
             submitted = time.monotonic() - start
@@ -183,9 +182,14 @@ def main() -> None:
             loads: dict[str, int] = {m: 0 for m in snap.machines}
             for name in names:
                 loads[snap.owners[name].machine_id] += 1
-            times = [t * 1000 for t in mirror.plan_times]
-            evaluations = list(mirror.plan_evaluations)
-            per_event = [t / max(1, e) for t, e in zip(times, mirror.plan_events, strict=False)]
+            passes = mirror.plan_passes()
+            times = [p.seconds * 1000 for p in passes]
+            evaluations = [p.evaluations for p in passes]
+            # Per watch event: the passes that planned from the changes they took in; a pass
+            # that planned from the whole picture (the first, or one starting over) took in no
+            # batch of events, and is shown on its own below.
+            per_event = [p.seconds * 1000 / max(1, p.events) for p in passes if not p.full]
+            full = [p.seconds * 1000 for p in passes if p.full]
             print(f"placement: {args.units} units on {args.machines} hollow machines: "
                   f"submitted in {submitted:.1f} s, all claimed at {claimed:.1f} s, "
                   f"all active at {active:.1f} s")
@@ -195,13 +199,17 @@ def main() -> None:
                   f"p99 {percentile(times, 0.99):.1f} ms, max {max(times, default=0):.1f} ms "
                   f"over {len(times)} passes; evaluations per pass p50 "
                   f"{percentile([float(e) for e in evaluations], 0.5):.0f}")
-            print(f"planning per watch event (a pass's time over the changed keys it took "
-                  f"in): p50 {percentile(per_event, 0.5):.2f} ms, "
-                  f"p99 {percentile(per_event, 0.99):.2f} ms")
+            print(f"planning per watch event (an incremental pass's time over the changed keys "
+                  f"it took in): p50 {percentile(per_event, 0.5):.2f} ms, "
+                  f"p99 {percentile(per_event, 0.99):.2f} ms, max {max(per_event, default=0):.2f}"
+                  f" ms over {len(per_event)} passes; passes from the whole picture: "
+                  + (", ".join(f"{t:.0f} ms" for t in full) or "none"))
             slowest = sorted(range(len(times)), key=lambda i: -times[i])[:3]
             print("slowest passes: " + ", ".join(
-                f"#{i + 1} {times[i]:.0f} ms ({evaluations[i]} evaluations)" for i in slowest
-            ) + " (#1 builds the planner from the whole registry)")
+                f"#{i + 1} {times[i]:.0f} ms ({evaluations[i]} evaluations, "
+                f"{passes[i].events} keys{', whole picture' if passes[i].full else ''})"
+                for i in slowest
+            ))
             claims = host.claims
             print(f"claims: {claims.won} won, {claims.lost} lost "
                   f"({claims.lost / max(1, claims.won + claims.lost):.1%} of claim transactions)")

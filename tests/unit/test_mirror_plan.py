@@ -208,6 +208,30 @@ def test_free_memory_is_released_after_each_full_pass_and_only_then() -> None:
     mirror.close()
 
 
+def test_planning_passes_are_recorded_whole_with_whether_they_started_from_scratch() -> None:
+    registry = FakeRegistry()
+    lease = registry.grant_lease(10)
+    registry.register_machine(Machine("m1", name="m1"), lease)
+    records = [UnitRecord(f"web@{i}.service", text(""), content_hash(text(""))) for i in range(5)]
+    registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    mirror = Mirror(registry, lambda: None)
+    mirror.sync()
+    mirror.plan(lambda s: 100)
+    mirror.plan(lambda s: 100)  # planned already: no pass
+    more = [UnitRecord(f"db{i}.service", text(""), content_hash(text(""))) for i in range(2)]
+    registry.write_units(more, DesiredState.LAUNCHED, mirror.copy())
+    mirror.plan(lambda s: 100)
+    passes = mirror.plan_passes(clear=True)
+    assert [p.full for p in passes] == [True, False]
+    # The incremental pass took in the two units' keys (content and desired state, at least).
+    assert passes[1].events >= 2 and all(p.seconds >= 0 for p in passes)
+    assert mirror.plan_passes() == []
+    registry.register_machine(Machine("m2", name="m2"), lease)  # the planner starts over
+    mirror.plan(lambda s: 100)
+    assert [p.full for p in mirror.plan_passes()] == [True]
+    mirror.close()
+
+
 def test_free_memory_goes_back_through_glibc_and_is_a_no_op_elsewhere(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -178,12 +178,18 @@ def test_a_machines_bids_are_the_units_that_rank_it_high_enough() -> None:
     assert mirror.bids(plan, "nobody") == {}
 
 
-def test_free_memory_is_released_after_each_full_pass_and_only_then() -> None:
+def one_machine_with_units() -> tuple[FakeRegistry, int]:
+    """A registry with machine m1 (its lease returned) and five template instances."""
     registry = FakeRegistry()
     lease = registry.grant_lease(10)
     registry.register_machine(Machine("m1", name="m1"), lease)
     records = [UnitRecord(f"web@{i}.service", text(""), content_hash(text(""))) for i in range(5)]
     registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    return registry, lease
+
+
+def test_free_memory_is_released_after_each_full_pass_and_only_then() -> None:
+    registry, lease = one_machine_with_units()
     released: list[int] = []
     mirror = Mirror(registry, lambda: None, release_memory=lambda: released.append(1))
     mirror.sync()
@@ -209,11 +215,7 @@ def test_free_memory_is_released_after_each_full_pass_and_only_then() -> None:
 
 
 def test_planning_passes_are_recorded_whole_with_whether_they_started_from_scratch() -> None:
-    registry = FakeRegistry()
-    lease = registry.grant_lease(10)
-    registry.register_machine(Machine("m1", name="m1"), lease)
-    records = [UnitRecord(f"web@{i}.service", text(""), content_hash(text(""))) for i in range(5)]
-    registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+    registry, lease = one_machine_with_units()
     mirror = Mirror(registry, lambda: None)
     mirror.sync()
     mirror.plan(lambda s: 100)

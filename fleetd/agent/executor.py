@@ -1,4 +1,5 @@
-"""The executor: the only code that changes systemd or gives ownership back, one task at a time.
+"""The executor: the only code that changes systemd or gives ownership back, task by task (a
+round's loads, and each run of consecutive starts, go to systemd as one batch of calls).
 
 Two refusals make the safety promise hold whatever the planner asked for:
 - LOAD and START are refused while the lease view does not allow new units (not joined, or the

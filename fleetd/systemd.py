@@ -176,9 +176,9 @@ class DbusUnitManager:
             self._call(label, "enable", "EnableUnitFiles", installs, True, True)
         ours = {str(p): n for n, p in zip(names, paths, strict=True)}
         made: set[str] = set()
-        # The reply: (carries install info, [(change, link, target)]).
-        changes = reply[-1] if isinstance(reply, tuple) and reply else reply
-        for change in changes or ():
+        # The reply lists the changes made, (kind, link, target) each. A unit masked elsewhere
+        # is linked all the same; its start then fails with systemd's own word for it.
+        for change in reply or ():
             if len(change) != 3:
                 continue
             kind, link, target = (str(part) for part in change)

@@ -8,7 +8,8 @@ units/hello@.service (a shell loop):
 
 - W1: `fleetctl start --no-block hello@1..N`, until `fleetctl list-units` (polled every 0.25 s)
   shows all N active; etcd proposals per placed unit (etcd's proposals_committed counter, all of
-  fleetctl's and every agent's writes included); balance max - min.
+  fleetctl's and every agent's writes included); balance max - min; the CPU seconds all fleetd
+  processes used meanwhile.
 - idle: etcd proposals per minute while the N units run and nothing changes.
 - W3: `local-cluster kill` of a machine holding N/3 units, until all N run elsewhere (timed from
   the verb's start; the verb itself runs on in the background meanwhile).
@@ -80,6 +81,24 @@ def fleetctl(env: dict[str, str], *args: str) -> str:
     return subprocess.run(
         [FLEETCTL, *args], check=True, capture_output=True, text=True, env=env
     ).stdout
+
+
+def fleetd_cpu(directory: str) -> float:
+    """CPU seconds (user + system) the cluster's fleetd processes have used so far."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if any(w.endswith("/fleetd") for w in words) and any(directory in w for w in words):
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def proposals(endpoint: str) -> int:
@@ -333,6 +352,7 @@ def main() -> None:
         published = PublishedActive(endpoint)
         published.expect(n)
         before = proposals(endpoint)
+        cpu = fleetd_cpu(directory)
         wall = time.time()
         start = time.monotonic()
         fleetctl(env, "start", "--no-block", *files)
@@ -340,11 +360,13 @@ def main() -> None:
         loads = wait_active(env, n, 600)
         w1 = time.monotonic() - start
         written = proposals(endpoint) - before
+        cpu = fleetd_cpu(directory) - cpu
         claims = log_times(Path(directory), "claimed hello@", wall)
         starts = start_calls(Path(directory), wall)
         print(f"W1: {n} units all active in {w1:.2f} s ({w1 / took:.2f}x the floor); "
               f"{written / n:.2f} etcd proposals per placed unit; "
-              f"balance max-min {max(loads.values()) - min(loads.values())}")
+              f"balance max-min {max(loads.values()) - min(loads.values())}; "
+              f"{cpu:.2f} CPU-seconds of all fleetd processes")
         if claims and starts:
             print(f"W1 breakdown: fleetctl submit {submitted:.2f} s; last claim at "
                   f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "

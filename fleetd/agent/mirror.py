@@ -62,6 +62,7 @@ class Mirror:
         self._release_memory = release_memory
         self._wakes = [wake]
         self._users = 1
+        self._closed = False  # the last user left: watch news no longer matter
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self._synced_at = 0
@@ -244,6 +245,7 @@ class Mirror:
             self._users -= 1
             last = self._users <= 0
         if last:
+            self._closed = True
             self._cancel_watch()
 
     def _cancel_watch(self) -> None:
@@ -252,6 +254,10 @@ class Mirror:
             cancel()
 
     def _on_watch(self, batch: list[WatchEvent] | BaseException) -> None:
+        if self._closed:
+            # A cancel needs etcd's answer: with etcd out of reach the watch ends only when the
+            # client closes, after the mirror's last user left. Nobody reads the registry again.
+            return
         if isinstance(batch, BaseException):
             log.warning("registry watch ended (%s): reading the registry again", batch or "closed")
             self._resync.set()

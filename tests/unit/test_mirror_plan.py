@@ -243,3 +243,18 @@ def test_free_memory_goes_back_through_glibc_and_is_a_no_op_elsewhere(
     assert memory.release_free_memory() is on_glibc
     monkeypatch.setattr(memory, "_TRIM", None)  # a C library without malloc_trim
     assert memory.release_free_memory() is False
+
+
+def test_a_watch_ending_after_the_last_user_left_is_not_news(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With etcd out of reach a cancelled watch ends only when the client closes, after the
+    mirror's last user left (a fleetd shutting down): no warning, no read scheduled."""
+    registry, _ = one_machine_with_units()
+    mirror = Mirror(registry, lambda: None)
+    mirror.sync()
+    mirror.close()
+    with caplog.at_level("DEBUG", logger="fleetd"):
+        mirror._on_watch(RuntimeError("Stream removed (Channel closed!)"))
+    assert not mirror.needs_sync
+    assert "watch ended" not in caplog.text

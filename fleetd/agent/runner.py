@@ -380,12 +380,13 @@ class Agent:
             failures = self.manager.unload_many(sorted(loaded)) if loaded else {}
             if loaded:
                 self.manager.reload()
-            if failures:
-                name, error = min(failures.items())
-                raise SystemdError(f"{len(failures)} units, {name} first: {error}")
         except SystemdError as exc:
+            failures = {"": exc}
+        if failures:
             # Stopped and no longer ours: a later fleetd unloads what is left at start-up.
-            log.warning("could not unload every stopped unit: %s", exc)
+            name, error = min(failures.items())
+            log.warning("could not unload every stopped unit (%d failed, %s first): %s",
+                        len(failures), name or "all", error)
 
     def _wait_stopped(self, names: set[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

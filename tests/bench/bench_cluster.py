@@ -16,9 +16,10 @@ units/hello@.service (a shell loop):
 - W4: the killed machine back, then `local-cluster halt` of a machine holding N/2 units, until
   all N run elsewhere.
 - the floor: the same N units started directly on the same managers, one process per manager
-  (no etcd, no fleet), timed the same way (the processes poll their units' states every
-  0.25 s), twice: with the batch calls fleetd makes (one LinkUnitFiles, one Reload, the
-  StartUnit calls sent together), which W1 is held against, and with one call per unit.
+  (no etcd, no fleet; unit files on a tmpfs inside the machine, as fleetd's), timed the same
+  way (the processes poll their units' states every 0.25 s), twice: with the batch calls fleetd
+  makes (one LinkUnitFiles, one Reload, the StartUnit calls sent together), which W1 is held
+  against, and with one call per unit.
 - where W1's time goes, from the agents' logs: time to the last claim, to the last start call,
   and the rest (publication and the listing's polling).
 """
@@ -247,12 +248,14 @@ class PublishedActive:
 
 
 FLOOR_WORKER = r"""
-import sys, time
+import subprocess, sys, time
 from pathlib import Path
 from fleetd.systemd import DbusUnitManager
 first, count, directory = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 batched = sys.argv[5] == "batched"
 directory.mkdir(parents=True, exist_ok=True)
+# Inside the machine: a tmpfs of its own, as fleetd's units directory is.
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(directory)], check=True)
 manager = DbusUnitManager(directory, user=True, timeout=30.0)
 manager.fast_timeout = 10.0  # a manager busy with 100 stops answers state reads late
 text = Path(sys.argv[4]).read_text()
@@ -282,6 +285,8 @@ while not all(s.active in ("inactive", "failed") for s in manager.states(names).
     time.sleep(0.1)
 manager.unload_many(names)
 manager.reload()
+manager.close()
+subprocess.run(["umount", str(directory)], check=True)
 """
 
 

@@ -80,9 +80,10 @@ WantedBy=basic.target
 # runtime dir, so leave room for them.
 _MAX_RUNTIME_DIR = 80
 
-# The launcher joins the manager's cgroup, then builds the machine's private /run/systemd and, when
-# a journal is wanted, its private /run/log, /var/log/journal and journald.conf, all in the mount
-# namespace `unshare` gave it, before it becomes the manager.
+# The launcher joins the manager's cgroup, then builds the machine's private /run/systemd, the
+# tmpfs of its own it was asked for (if any) and, when a journal is wanted, its private /run/log,
+# /var/log/journal and journald.conf, all in the mount namespace `unshare` gave it, before it
+# becomes the manager.
 _LAUNCH_SCRIPT = """
 set -e
 systemd_binary=$1
@@ -90,11 +91,16 @@ host_name=$2
 setup=$3
 journal_dir=$4
 journald_conf=$5
-shift 5
+tmpfs_dir=$6
+shift 6
 for procs in "$@"; do echo $$ > "$procs"; done
 mkdir -p /run/systemd
 mount -t tmpfs -o mode=755 tmpfs /run/systemd
 mkdir -p /run/systemd/system
+if [ -n "$tmpfs_dir" ]; then
+    mkdir -p "$tmpfs_dir"
+    mount -t tmpfs -o mode=755,size=128m tmpfs "$tmpfs_dir"
+fi
 if [ -n "$journal_dir" ]; then
     mkdir -p /run/log /var/log/journal
     mount -t tmpfs -o mode=755,size=64m tmpfs /run/log
@@ -376,12 +382,17 @@ def start_manager(
     timeout: float = 10,
     journal: bool = True,
     setup: Path | None = None,
+    tmpfs: Path | None = None,
 ) -> ManagerHandle:
     """Launch a detached user manager for machine `name` with its state in `state_dir`, with a
     journald of its own when `journal` is set and this host has systemd-journald.
 
     `setup`, if given, is a shell script run as root inside the machine's new namespaces just
     before systemd starts (mounts that make the machine a host of its own).
+
+    `tmpfs`, if given, is a directory that gets a tmpfs of its own inside the machine's mount
+    namespace, as /run is on a real host: seen by the manager and by whatever enters the
+    machine, empty again after the machine is killed, invisible from outside.
 
     Returns once the manager answers on its session bus with SystemState running or degraded.
     Raises ManagerError (after cleaning up) if it dies or is not ready within `timeout`.
@@ -431,7 +442,7 @@ def start_manager(
         (state_dir / sub).mkdir(exist_ok=True)
     handle.journal = journal and _prepare_journal(state_dir)
 
-    handle.pid = _spawn(handle, setup)
+    handle.pid = _spawn(handle, setup, tmpfs)
     handle.save()
     try:
         _wait_ready(handle, timeout)
@@ -476,7 +487,7 @@ def _manager_env(handle: ManagerHandle) -> dict[str, str]:
     return env
 
 
-def _spawn(handle: ManagerHandle, setup: Path | None) -> int:
+def _spawn(handle: ManagerHandle, setup: Path | None, tmpfs: Path | None) -> int:
     log = handle.state_dir / LOG_FILE
     argv = [
         UNSHARE, "--mount", "--uts", "--propagation", "private", "--",
@@ -484,6 +495,7 @@ def _spawn(handle: ManagerHandle, setup: Path | None) -> int:
         str(setup) if setup else "",
         str(handle.state_dir / "journal") if handle.journal else "",
         str(handle.state_dir / "journald.conf"),
+        str(tmpfs) if tmpfs else "",
         *(str(top / MANAGER_CGROUP / "cgroup.procs") for top in handle.cgroup_dirs()),
     ]  # fmt: skip
     # posix_spawn rather than Popen: the manager outlives this call and maybe this process, and

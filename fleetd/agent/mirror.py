@@ -64,6 +64,7 @@ class Mirror:
         self._users = 1
         self._closed = False  # the last user left: watch news no longer matter
         self._lock = threading.Lock()
+        self._applied = threading.Condition(self._lock)  # a batch of watch events landed
         self._snapshot = Snapshot()
         self._synced_at = 0
         self._cancel: Callable[[], None] | None = None
@@ -113,6 +114,13 @@ class Mirror:
         if self._copy is None or self._copy[0] != key:
             self._copy = (key, self._snapshot.copy())
         return self._copy[1]
+
+    def wait_until(self, shows: Callable[[Snapshot], bool], timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until the live picture `shows` something, e.g. the
+        claims this machine just won; `shows` only reads, and quickly: it runs under the lock
+        the watch thread applies events under."""
+        with self._applied:
+            return self._applied.wait_for(lambda: shows(self._snapshot), timeout)
 
     def view(self, snap: Snapshot) -> View:
         """The placement indexes of a copy this mirror handed out, built once per copy."""
@@ -279,6 +287,7 @@ class Mirror:
                     )
                     if reason is not None:
                         refused.append((event.key, reason))
+                self._applied.notify_all()
         except Exception:
             # Never expected (apply refuses what it cannot decode), but a watch thread that dies
             # would freeze the picture: read everything again instead.

@@ -41,6 +41,11 @@ def excludes(snap: Snapshot, a: str, b: str) -> bool:
 # Seconds a round waits at most for the watch to show its own won claims before bidding again.
 CLAIM_SETTLE = 2.0
 
+# Seconds the round that won claims waits for the watch to show them, to load and start those
+# units itself rather than one wake, a burst's coalescing and a planning pass later (the watch
+# brings them within a few milliseconds; a round that waited in vain acts on the units next time).
+CLAIM_WAIT = 0.2
+
 # systemd states between two steady ones, and how long a unit in one is watched closely.
 TRANSITIONS = frozenset({"activating", "deactivating", "reloading"})
 SETTLE_WINDOW = 5.0
@@ -79,8 +84,10 @@ class Reconciler:
         stagger: Callable[[], float],
         wake: Callable[[], None],
         metrics: Metrics | None = None,
+        claim_wait: float = CLAIM_WAIT,
     ) -> None:
         self.me = me
+        self.claim_wait = claim_wait
         self.metrics = metrics or Metrics()
         self.registry = registry
         self.manager = manager
@@ -104,12 +111,19 @@ class Reconciler:
         if not view.may_start(self.clock(), self.margin):
             return False  # not joined, or fencing: only the fencer touches systemd now
         snap, placements = self.mirror.plan(plan_window, self.metrics.planned, PLAIN_SHARE)
-        self._claim(snap, placements, view)
+        won = self._claim(snap, placements, view)
+        if won and self.claim_wait > 0 and self.mirror.wait_until(
+            lambda live: all(live.owner_of(u) == self.me for u in won), self.claim_wait
+        ):
+            # Still level-triggered: the round acts on a picture the watch brought, which now
+            # holds its claims.
+            snap = self.mirror.copy()
         return self._act(snap)
 
     def _claim(
         self, snap: Snapshot, placements: Mapping[str, Placement], view: LeaseView
-    ) -> None:
+    ) -> list[str]:
+        """Bid for this machine's share of the plan; returns the units whose claims it won."""
         assert view.lease_id is not None
         now = self.clock()
         # A picture that does not show this machine's latest won claims yet plans as if the
@@ -122,12 +136,12 @@ class Reconciler:
         }
         if self._won:
             self.next_wake = now + 0.05
-            return
+            return []
         mine = self.mirror.bids(placements, self.me)
         claim_plan = plan_claims(mine, self.me, self._first_seen, now, self.stagger())
         self._first_seen = dict(claim_plan.first_seen)
         self.next_wake = claim_plan.next_wake
-        claimed = False
+        won: list[str] = []
         index = self.mirror.view(snap) if claim_plan.claims else None
         reasons = {task.unit: task.reason for task in claim_plan.claims}
         single: list[tuple[str, Guards]] = []
@@ -176,15 +190,16 @@ class Reconciler:
         for unit, ok in results.items():
             self.metrics.claim(won=ok)
             if ok:
-                claimed = True
+                won.append(unit)
                 self._won[unit] = now
                 log.info("claimed %s: %s", unit, reasons[unit])
             else:
                 log.debug("claim of %s lost: the registry changed since revision %s",
                           unit, snap.revision)
-        if claimed:
-            # Act on our own claims as soon as the watch shows them.
+        if won:
+            # Bid again on a picture that holds these claims (the watch wakes the loop too).
             self.wake()
+        return won
 
     def _act(self, snap: Snapshot) -> bool:
         view = self.mirror.view(snap)

@@ -31,7 +31,7 @@ from fleetd.agent.fence import STOPPED, Fencer, kill_units, stop_units
 from fleetd.agent.lease import LeaseFile, LeaseKeeper, LeaseView
 from fleetd.agent.mirror import Mirror
 from fleetd.agent.publish import Publisher
-from fleetd.agent.reconcile import Reconciler
+from fleetd.agent.reconcile import CLAIM_WAIT, Reconciler
 from fleetd.clock import Clock
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
@@ -123,6 +123,9 @@ class Agent:
             self.me, registry, manager, self.mirror, self.executor, self.publisher,
             self.keeper.view, self.margin, clock, lambda: self.config.claim_stagger,
             self._wake.set, metrics=self.metrics,
+            # Agents sharing a mirror each act on their claims in their next turn: one that
+            # waited would have the mirror build a View of each agent's own revision.
+            claim_wait=CLAIM_WAIT if mirror is None else 0.0,
         )
         self.metrics.health_source(self._why_not_ready)
 

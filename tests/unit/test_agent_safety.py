@@ -249,10 +249,53 @@ def test_a_start_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
 
     manager.start = start_then_lose_the_lease  # type: ignore[method-assign]
     cluster.submit({"u.service": unit()})
-    a.step()
     with pytest.raises(RegistryUnavailable):
-        a.step()  # the lease expired meanwhile: publishing the state fails, the loop retries
+        # The round that wins the claim starts the unit; the lease expired meanwhile, so
+        # publishing the state fails and the loop retries.
+        a.step()
     assert manager.states(["u.service"])["u.service"].active == "inactive"
+
+
+def test_the_round_that_wins_a_claim_starts_the_unit(cluster: Cluster) -> None:
+    """The watch shows a won claim within milliseconds: the round that won it waits for that
+    and acts on the new picture, rather than leaving the load and start to a round one wake and
+    one planning pass later."""
+    a = cluster.add("a")
+    cluster.submit({"u.service": unit(), "v.service": unit()})
+    cluster.step("a")
+    assert cluster.owner("u.service") == cluster.owner("v.service") == "a"
+    assert cluster.running("u.service") == cluster.running("v.service") == {"a"}
+    published = cluster.published("u.service", "a")
+    assert published is not None and published.active == "active"
+    assert a.reconciler.claim_wait > 0
+
+
+def test_claims_the_watch_does_not_show_yet_are_acted_on_next_time(cluster: Cluster) -> None:
+    """Level-triggered all the same: a round acts only on what the picture holds. When the
+    watch lags behind the claims, the round waits a bounded while, starts nothing, and the round
+    after the watch caught up starts the units."""
+    a = cluster.add("a")
+    a.reconciler.claim_wait = 0.01  # real seconds: the wait is on the watch thread, not a clock
+    cluster.submit({"u.service": unit(), "v.service": unit()})
+    cluster.registry.hold_watch()
+    cluster.step("a")
+    assert cluster.owner("u.service") == cluster.owner("v.service") == "a"
+    assert cluster.running("u.service") == cluster.running("v.service") == set()
+    cluster.registry.release_watch()
+    cluster.step("a")
+    assert cluster.running("u.service") == cluster.running("v.service") == {"a"}
+
+
+def test_agents_sharing_a_mirror_act_on_claims_in_their_next_round(tmp_path: Path) -> None:
+    """A simulator's agents share one mirror: one that waited for its claims would have the
+    mirror build a picture of each agent's own revision."""
+    registry = FakeRegistry(clock=FakeClock())
+    own = Agent(Config(machine_id="a" * 32), registry, FakeUnitManager(), owns_registry=False,
+                lease_file=LeaseFile(tmp_path / "a.json"))
+    shared = Agent(Config(machine_id="b" * 32), registry, FakeUnitManager(), owns_registry=False,
+                   mirror=own.mirror, lease_file=LeaseFile(tmp_path / "b.json"))
+    assert own.reconciler.claim_wait > 0
+    assert shared.reconciler.claim_wait == 0
 
 
 def test_a_batch_of_starts_racing_with_fencing_is_stopped_again(cluster: Cluster) -> None:
@@ -271,9 +314,8 @@ def test_a_batch_of_starts_racing_with_fencing_is_stopped_again(cluster: Cluster
 
     manager.start_many = start_many_then_lose_the_lease  # type: ignore[method-assign]
     cluster.submit({"u.service": unit(), "v.service": unit()})
-    a.step()
     with pytest.raises(RegistryUnavailable):
-        a.step()
+        a.step()  # claims, then starts both
     assert started == [["u.service", "v.service"]]
     states = manager.states(["u.service", "v.service"])
     assert {s.active for s in states.values()} == {"inactive"}
@@ -637,10 +679,8 @@ def test_liveness_is_recorded_after_every_step_not_once_per_round(cluster: Clust
     pin = f"MachineID={a.me}"
     units = {f"p{i}.service": unit(f"p{i}", pin) for i in range(5)}
     cluster.submit(units)
-    a.step()  # claims
-    marks.clear()
-    a.step()  # the five loads in one call (then each load task), the starts (fresh units:
-    # no reload needed)
+    a.step()  # claims, then the five loads in one call (then each load task), the starts
+    # (fresh units: no reload needed)
     assert len(marks) == 1 + 5 + 1
     assert all(cluster.running(name) == {"a"} for name in units)
     real_stop = manager.stop

@@ -286,6 +286,32 @@ def test_claims_the_watch_does_not_show_yet_are_acted_on_next_time(cluster: Clus
     assert cluster.running("u.service") == cluster.running("v.service") == {"a"}
 
 
+def test_a_round_with_nothing_to_do_reads_systemd_once(cluster: Cluster) -> None:
+    """The states a round read before its tasks are what it publishes when no task ran; after
+    tasks it reads them back, so what it publishes is systemd's word, not its intent."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    reads: list[list[str]] = []
+    real_states = manager.states
+
+    def counted(names: Iterable[str], patient: bool = False) -> dict[str, SystemdState]:
+        wanted = list(names)
+        reads.append(wanted)
+        return real_states(wanted, patient)
+
+    manager.states = counted  # type: ignore[method-assign]
+    cluster.submit({"u.service": unit()})
+    a.step()  # claims, loads and starts: a read before the tasks, one after
+    assert len(reads) == 2
+    assert real_states(["u.service"])["u.service"].active == "active"
+    reads.clear()
+    manager.kill("u.service")  # systemd's news (the process died), no task of ours
+    a.step()
+    assert reads == [["u.service"]]
+    published = cluster.published("u.service", "a")
+    assert published is not None and published.active == "failed"
+
+
 def test_agents_sharing_a_mirror_act_on_claims_in_their_next_round(tmp_path: Path) -> None:
     """A simulator's agents share one mirror: one that waited for its claims would have the
     mirror build a picture of each agent's own revision."""

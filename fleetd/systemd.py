@@ -333,11 +333,33 @@ class DbusUnitManager:
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return {}
-        rows = self._call(
-            _label(wanted), "read the state of", "ListUnitsByNames", wanted,
-            timeout=self.timeout if patient else self.fast_timeout,
-        )
-        found = {row[0]: self._with_container(_state(row), row[0]) for row in rows or []}
+        seconds = self.timeout if patient else self.fast_timeout
+        try:
+            reply = self._bus.con.call_sync(
+                SYSTEMD_SERVICE, SYSTEMD_PATH, MANAGER_INTERFACE, "ListUnitsByNames",
+                GLib.Variant("(as)", (wanted,)), _UNIT_ROWS, Gio.DBusCallFlags.NONE,
+                int(seconds * 1000), None,
+            )
+        except GLib.Error as exc:
+            raise SystemdError(
+                f"systemd could not read the state of {_label(wanted)}: {_brief(exc)}"
+            ) from exc
+        # Every round reads every unit's state: the six fields used are taken out of the reply
+        # one by one (unpacking all ten of every row in Python: 4.5 ms for 100 units, against
+        # 2.5 ms so, on a quiet machine).
+        found: dict[str, SystemdState] = {}
+        rows = reply.get_child_value(0)
+        for index in range(rows.n_children()):
+            row = rows.get_child_value(index)
+            name = row.get_child_value(0).get_string()
+            state = _state(
+                row.get_child_value(2).get_string(),
+                row.get_child_value(3).get_string(),
+                row.get_child_value(4).get_string(),
+                row.get_child_value(7).get_uint32(),
+                row.get_child_value(8).get_string(),
+            )
+            found[name] = self._with_container(state, name)
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
@@ -507,11 +529,15 @@ def _label(names: Sequence[str]) -> str:
 _STARTING_JOBS = frozenset({"start", "restart", "try-restart", "reload-or-start", "verify-active"})
 
 
-def _state(row: Sequence[Any]) -> SystemdState:
+# ListUnitsByNames' reply: (name, description, load, active, sub, following, object path, job
+# id, job type, job path) per unit.
+_UNIT_ROWS = GLib.VariantType.new("(a(ssssssouso))")
+
+
+def _state(load: str, active: str, sub: str, job_id: int, job_type: str) -> SystemdState:
     """One ListUnits row as a state. A unit still inactive with a start job queued (waiting for
     an ordering dependency, or not yet run) reads "activating": it is about to run, so it must
     not count as stopped when the agent decides to give it away."""
-    load, active, sub, job_id, job_type = row[2], row[3], row[4], row[7], row[8]
     if job_id and job_type in _STARTING_JOBS and active in ("inactive", "failed"):
         active = "activating"
     return SystemdState(load=load, active=active, sub=sub)

@@ -433,10 +433,10 @@ def main() -> None:
         # The goal is held against the kill itself: the verb's start-up (a Python process)
         # comes before it and is no part of the failover.
         killed = "-" if death.at is None else f"{done - death.at:.2f} s"
-        after = "" if death.at is None else f" = TTL + {done - death.at - args.ttl:.2f} s"
+        after = "" if death.at is None else f" = TTL {done - death.at - args.ttl:+.2f} s"
         print(f"W3: kill {victim} holding {holding.get(names[victim], 0)} units: all {n} active "
               f"elsewhere {killed} after its fleetd died{after} ({w3:.2f} s from the verb's "
-              f"start, TTL + {w3 - args.ttl:.2f} s; the kill came "
+              f"start, TTL {w3 - args.ttl:+.2f} s; the kill came "
               f"{'-' if death.at is None else f'{death.at - start:.2f} s'} into the verb)")
         takeover(Path(directory), "W3", wall, w3, since(published, start))
 

@@ -341,9 +341,7 @@ class DbusUnitManager:
                 int(seconds * 1000), None,
             )
         except GLib.Error as exc:
-            raise SystemdError(
-                f"systemd could not read the state of {_label(wanted)}: {_brief(exc)}"
-            ) from exc
+            raise _refused("read the state of", _label(wanted), exc) from exc
         # Every round reads every unit's state: the six fields used are taken out of the reply
         # one by one (unpacking all ten of every row in Python: 4.5 ms for 100 units, against
         # 2.5 ms so, on a quiet machine).
@@ -392,7 +390,7 @@ class DbusUnitManager:
         except GLib.Error as exc:
             if Gio.DBusError.get_remote_error(exc) == "org.freedesktop.systemd1.UnitExists":
                 return  # a guard runs already and watches the same lease file
-            raise SystemdError(f"systemd could not start {name}: {_brief(exc)}") from exc
+            raise _refused("start", name, exc) from exc
 
     def _with_container(self, state: SystemdState, name: str) -> SystemdState:
         # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
@@ -448,7 +446,7 @@ class DbusUnitManager:
         except GLib.Error as exc:
             if tolerate_absent and Gio.DBusError.get_remote_error(exc) in _ABSENT_ERRORS:
                 return None
-            raise SystemdError(f"systemd could not {what} {unit}: {_brief(exc)}") from exc
+            raise _refused(what, unit, exc) from exc
 
 
     def _call_many(
@@ -517,7 +515,7 @@ class DbusUnitManager:
             elif error is not None and not (
                 tolerate_absent and Gio.DBusError.get_remote_error(error) in _ABSENT_ERRORS
             ):
-                failures[name] = SystemdError(f"systemd could not {what} {name}: {_brief(error)}")
+                failures[name] = _refused(what, name, error)
         return failures
 
 
@@ -535,12 +533,17 @@ _UNIT_ROWS = GLib.VariantType.new("(a(ssssssouso))")
 
 
 def _state(load: str, active: str, sub: str, job_id: int, job_type: str) -> SystemdState:
-    """One ListUnits row as a state. A unit still inactive with a start job queued (waiting for
-    an ordering dependency, or not yet run) reads "activating": it is about to run, so it must
-    not count as stopped when the agent decides to give it away."""
+    """A ListUnits row's states and job as one state. A unit still inactive with a start job
+    queued (waiting for an ordering dependency, or not yet run) reads "activating": it is about
+    to run, so it must not count as stopped when the agent decides to give it away."""
     if job_id and job_type in _STARTING_JOBS and active in ("inactive", "failed"):
         active = "activating"
     return SystemdState(load=load, active=active, sub=sub)
+
+
+def _refused(what: str, unit: str, exc: GLib.Error) -> SystemdError:
+    """systemd's error for one call, in the adapter's words: "systemd could not <what> <unit>"."""
+    return SystemdError(f"systemd could not {what} {unit}: {_brief(exc)}")
 
 
 def _brief(exc: GLib.Error) -> str:

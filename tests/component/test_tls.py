@@ -154,21 +154,32 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pa
         log.close()
 
 
-def test_registry_reads_and_writes_over_tls(tls_etcd: tuple[str, Path]) -> None:
-    url, folder = tls_etcd
-    registry = EtcdRegistry(
+TLS_UNIT = "[Service]\nExecStart=/bin/true\n"
+
+
+def _tls_registry(url: str, folder: Path) -> EtcdRegistry:
+    return EtcdRegistry(
         url,
         "/tls/",
         ca_file=str(folder / "ca.crt"),
         cert_file=str(folder / "client.crt"),
         key_file=str(folder / "client.key"),
     )
-    text = "[Service]\nExecStart=/bin/true\n"
-    assert registry.write_units(
-        [UnitRecord("tls.service", text, content_hash(text))],
+
+
+def _write_tls_unit(registry: EtcdRegistry) -> bool:
+    return registry.write_units(
+        [UnitRecord("tls.service", TLS_UNIT, content_hash(TLS_UNIT))],
         DesiredState.LAUNCHED,
         registry.snapshot(),
     )
+
+
+def test_registry_reads_and_writes_over_tls(tls_etcd: tuple[str, Path]) -> None:
+    url, folder = tls_etcd
+    registry = _tls_registry(url, folder)
+    text = TLS_UNIT
+    assert _write_tls_unit(registry)
     snap = registry.snapshot()
     assert snap.units["tls.service"].text == text
     assert snap.desired_state("tls.service") is DesiredState.LAUNCHED
@@ -183,6 +194,10 @@ def test_https_without_a_ca_file_is_a_config_error(tls_etcd: tuple[str, Path]) -
 
 def test_fleetctl_over_tls(tls_etcd: tuple[str, Path]) -> None:
     url, folder = tls_etcd
+    # Its own unit to list: with tests spread over workers, the write test may run elsewhere.
+    registry = _tls_registry(url, folder)
+    assert _write_tls_unit(registry)
+    registry.close()
     fleetctl = str(Path(sys.executable).with_name("fleetctl"))
     base = [fleetctl, "--endpoint", url, "--etcd-key-prefix", "/tls/"]
     tls = [

@@ -120,6 +120,12 @@ class Reconciler:
             snap = self.mirror.copy()
         return self._act(snap)
 
+    def awaiting(self) -> frozenset[str]:
+        """Units this machine won claims for that its picture may not show yet: until it does
+        (or CLAIM_SETTLE passed), the next round bids for nothing."""
+        now = self.clock()
+        return frozenset(u for u, at in self._won.items() if now - at < CLAIM_SETTLE)
+
     def _claim(
         self, snap: Snapshot, placements: Mapping[str, Placement], view: LeaseView
     ) -> list[str]:

@@ -15,6 +15,8 @@ keys, claims and published states. Printed, in one run:
 - planning time per planning pass (each pass takes in one batch of watch events): p50 and p99,
   and (unit, machine) evaluations per pass; per watch event (an incremental pass's time over
   the keys it took in), with the passes that planned from the whole picture shown apart;
+- claims won and lost, and how long the turns of the hollow machines waited for the shared
+  watch to show the claims won before them (see tests/support/hollow.py);
 - etcd proposals per placement (etcd's proposals_committed counter over the placement);
 - balance: units per machine, max - min;
 - memory: the process's RSS growth per hollow machine, and RSS with every unit in the snapshot;
@@ -213,6 +215,10 @@ def main() -> None:
             claims = host.claims
             print(f"claims: {claims.won} won, {claims.lost} lost "
                   f"({claims.lost / max(1, claims.won + claims.lost):.1%} of claim transactions)")
+            waits = [w * 1000 for w in host.catch_up_waits]
+            print(f"hollow turns that waited for the shared watch to show earlier claims: "
+                  f"{len(waits)}, p50 {percentile(waits, 0.5):.0f} ms, "
+                  f"max {max(waits, default=0):.0f} ms")
             print(f"etcd proposals per placement: {written / args.units:.2f} "
                   "(unit writes, claims and published states)")
             low, high = min(loads.values()), max(loads.values())

@@ -837,10 +837,12 @@ def test_an_agent_does_not_bid_again_before_its_picture_shows_its_won_claims(
     cluster.step("a")
     first = {n for n, o in cluster.registry.snapshot().owners.items() if o.machine_id == a.me}
     assert first and set(sent) == first
+    assert a.reconciler.awaiting() == first and b.reconciler.awaiting() == frozenset()
     sent.clear()
     cluster.step("a")  # the same stale picture
     assert sent == []
     cluster.clock.advance(CLAIM_SETTLE + 0.1)
+    assert a.reconciler.awaiting() == frozenset()
     for agent in (a, b):
         cluster.registry.keepalive(agent.lease().lease_id or 0)
     cluster.step("a")  # still stale, but waited long enough: bids again (and loses them)

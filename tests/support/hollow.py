@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.mirror import Mirror
@@ -110,6 +110,11 @@ class Hollow:
     lease_due: float = 0.0
     fence_due: float = 0.0
     step_due: float = 0.0
+    # Held while the machine is driven (a lease step, a round) and by halt and kill, which mark
+    # it gone: a machine being stopped is driven no more (a keep-alive of its revoked lease
+    # would report the lease expired).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    gone: bool = False
 
 
 class HollowHost:
@@ -178,6 +183,11 @@ class HollowHost:
             self._stopping.wait(max(0.01, min([0.2, *waits])))
 
     def _lease_step(self, hollow: Hollow, now: float) -> None:
+        with hollow.lock:
+            if not hollow.gone:
+                self._lease_tick(hollow, now)
+
+    def _lease_tick(self, hollow: Hollow, now: float) -> None:
         agent = hollow.agent
         try:
             if now >= hollow.lease_due:
@@ -220,6 +230,11 @@ class HollowHost:
             pass
 
     def _round(self, hollow: Hollow, now: float) -> None:
+        with hollow.lock:
+            if not hollow.gone:
+                self._round_of(hollow, now)
+
+    def _round_of(self, hollow: Hollow, now: float) -> None:
         agent = hollow.agent
         try:
             stopping = agent.step()
@@ -240,6 +255,8 @@ class HollowHost:
         """A graceful stop (SIGTERM): units stopped, the lease revoked."""
         with self._lock:
             hollow = self.machines.pop(name)
+        with hollow.lock:
+            hollow.gone = True
         hollow.agent.stop()
         hollow.agent.shutdown()
 
@@ -247,6 +264,8 @@ class HollowHost:
         """A power cut: the machine is no longer driven; its lease runs out by itself."""
         with self._lock:
             hollow = self.machines.pop(name)
+        with hollow.lock:
+            hollow.gone = True
         hollow.agent.stop(mode=ExitMode.VANISH)
 
     def stop(self) -> None:

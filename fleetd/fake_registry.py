@@ -23,7 +23,7 @@ from fleetd.clock import Clock
 from fleetd.errors import RegistryUnavailable
 from fleetd.keys import KeyLayout, Kind
 from fleetd.model import DesiredState, Machine, PublishedState
-from fleetd.placement import Guards
+from fleetd.placement import Guards, moves_units_changed
 from fleetd.ports import WatchCallback, WatchEvent
 from fleetd.snapshot import (
     Snapshot,
@@ -319,12 +319,14 @@ class FakeRegistry:
     ) -> bool:
         ops: list[_Op] = []
         guards: dict[str, int] = {}
+        mark = False
         for record in records:
             key = self.layout.unit(record.name)
             old = seen.units.get(record.name)
             mine: list[_Op] = []
             if old is None or old.hash != record.hash:
                 mine.append((key, encode_unit(record).encode(), 0))
+                mark = mark or moves_units_changed(record, old)
             current = seen.desired.get(record.name)
             state = desired or (current.state if current else DesiredState.INACTIVE)
             if current is None or current.state is not state:
@@ -332,7 +334,7 @@ class FakeRegistry:
             if mine:
                 ops += mine
                 guards[key] = old.revision if old else 0
-        if any(k.startswith(self.layout.kind_prefix(Kind.UNIT)) for k, _, _ in ops):
+        if mark:
             ops.append((self.layout.units_changed(), b"", 0))
         return self._write(ops, lambda: all(self._mod(k) == r for k, r in guards.items()))
 

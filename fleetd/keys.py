@@ -14,16 +14,20 @@ Everything lives under a configurable prefix (default ``/fleet/``)::
     <prefix>move/<name>        machine id                          a rebalance asks the owner to
                                                                    hand the unit to that machine
     <prefix>meta/units-changed ""                                  written with every change of
-                                                                   unit content (fleetctl)
+                                                                   unit content that can add a
+                                                                   rule (fleetctl)
 
 A machine's presence, the owner keys it holds and the states it published all share its lease, so
 a dead machine's keys vanish together and nothing else has to clean up. The owner key's create
 revision is a fencing token: it changes every time ownership changes hands.
 
-Unit content and desired state are separate keys so that start/stop touch one small value. Every
+Unit content and desired state are separate keys so that start/stop touch one small value. A
 write of unit content also writes `meta/units-changed` in the same transaction, so a claim guards
 on "no unit content changed since my snapshot" by one key's mod revision: a range compare over
-every unit key would cost etcd a read of all of them per claim.
+every unit key would cost etcd a read of all of them per claim. The one write that leaves the mark
+alone is a new self-contained unit (`fleetd.placement.moves_units_changed`): it can add no rule a
+claim in flight should have guarded on, and a big submission of plain instances would otherwise
+fail every claim sent while it is being written.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fleetd.model import DesiredState, Machine
-from fleetd.snapshot import Snapshot
+from fleetd.snapshot import Snapshot, UnitRecord
 from fleetd.unitfile import (
     Requirements,
     Spread,
@@ -536,20 +536,7 @@ STATIC_CHECKERS: tuple[Checker, ...] = (check_machine_id, check_metadata, check_
 
 def is_plain(view: View, unit: str, req: Requirements) -> bool:
     """Whether only machine-static rules and the spread decide where `unit` goes."""
-    if (
-        req.global_
-        or req.machine_of
-        or req.zone_of
-        or req.region_of
-        or req.conflicts
-        or req.zone_conflicts
-        or req.region_conflicts
-        or req.replaces
-        or req.max_per_machine is not None
-        or req.max_per_zone is not None
-        or req.max_per_region is not None
-        or unit in view.snapshot.moves
-    ):
+    if not req.self_contained or unit in view.snapshot.moves:
         return False
     for other in view.declarers():
         theirs = view.requirements.get(other)
@@ -831,6 +818,22 @@ def glob_literal_prefix(pattern: str) -> str:
     return pattern
 
 
+def moves_units_changed(record: UnitRecord, old: UnitRecord | None) -> bool:
+    """Whether writing `record`'s content (over `old`, or new) must fail the claims planned
+    before it, by moving the `meta/units-changed` mark they compare (fleetd.keys). A claim
+    guards on the owners of every unit its own rules name and of every unit whose rules name it,
+    as its picture shows them. A new self-contained unit is neither: it names nobody, limits
+    nobody, and until it is placed it is nowhere, and its own claim guards on what it needs. Any
+    other write may add a rule the claims in flight did not guard on: a pattern naming their
+    unit, a global unit on their machine, a changed text of their own unit or of a neighbour.
+    So a submission of thousands of plain template instances leaves the claims of the first
+    ones standing while the rest are written."""
+    if old is not None:
+        return True
+    req = record.requirements
+    return req is None or not req.self_contained
+
+
 def claim_guards(snapshot: Snapshot, unit: str, view: View | None = None) -> Guards:
     """What a claim of `unit` must compare so that racing agents never break a hard rule.
     With the snapshot's `view`, only the units that declare patterns are looked at for the ones
@@ -859,7 +862,8 @@ def claim_guards(snapshot: Snapshot, unit: str, view: View | None = None) -> Gua
     if limited and name.instance is not None:
         prefixes.add(name.prefix + "@")
     # The other direction: units whose own patterns name this one. They are all known, since a
-    # claim also requires that no unit content changed after the snapshot.
+    # claim also requires that no unit content changed after the snapshot, other than new
+    # self-contained units (`moves_units_changed`), which name nobody.
     if view is not None:
         candidates = [(n, view.requirements.get(n)) for n in sorted(view.declarers())]
     else:

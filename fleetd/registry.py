@@ -39,7 +39,7 @@ from fleetd.errors import (
 )
 from fleetd.keys import KeyLayout, Kind, range_end
 from fleetd.model import DesiredState, Machine, PublishedState
-from fleetd.placement import Guards
+from fleetd.placement import Guards, moves_units_changed
 from fleetd.ports import WatchEvent
 from fleetd.snapshot import (
     MAX_REQUEST_BYTES,
@@ -118,11 +118,13 @@ def _no_collection() -> Iterator[None]:
             gc.enable()
 
 
-_Group = tuple[Any, list[Any], int]
+# A unit's part of a write: its compare, its operations, their bytes, and whether it moves the
+# units-changed mark.
+_Group = tuple[Any, list[Any], int, bool]
 
 
 def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
-    """Consecutive groups (compare, ops, bytes) that fit one transaction: at most
+    """Consecutive groups (compare, ops, bytes, mark) that fit one transaction: at most
     MAX_TXN_OPS / 2 units (two operations each) and within etcd's request size."""
     budget = MAX_REQUEST_BYTES - REQUEST_OVERHEAD
     chunk: list[_Group] = []
@@ -135,11 +137,6 @@ def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
         used += group[2] + 64
     if chunk:
         yield chunk
-
-
-def _key_of(op: Any) -> str:
-    key = op.key
-    return key.decode() if isinstance(key, bytes) else str(key)
 
 
 class EtcdRegistry:
@@ -492,23 +489,24 @@ class EtcdRegistry:
             old = seen.units.get(record.name)
             ops: list[Any] = []
             size = 3 * len(key)
+            mark = False
             if old is None or old.hash != record.hash:
                 value = encode_unit(record)
                 ops.append(tx.put(key, value))
                 size += len(value.encode())
+                mark = moves_units_changed(record, old)
             current = seen.desired.get(record.name)
             state = desired or (current.state if current else DesiredState.INACTIVE)
             if current is None or current.state is not state:
                 ops.append(tx.put(self.layout.desired(record.name), state.value))
             if ops:
-                groups.append((tx.mod(key) == (old.revision if old else 0), ops, size))
-        unit_prefix = self.layout.kind_prefix(Kind.UNIT)
+                groups.append((tx.mod(key) == (old.revision if old else 0), ops, size, mark))
         for chunk in _batches(groups):
-            ops = [op for _, group_ops, _ in chunk for op in group_ops]
-            if any(_key_of(op).startswith(unit_prefix) for op in ops):
+            ops = [op for _, group_ops, _, _ in chunk for op in group_ops]
+            if any(mark for _, _, _, mark in chunk):
                 # What claims compare instead of every unit key (see fleetd.keys).
                 ops.append(tx.put(self.layout.units_changed(), ""))
-            if not self._txn([c for c, _, _ in chunk], ops):
+            if not self._txn([c for c, _, _, _ in chunk], ops):
                 return False
         return True
 

@@ -337,6 +337,26 @@ class Requirements:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def self_contained(self) -> bool:
+        """Whether these rules read only the machine the unit runs on (MachineID,
+        MachineMetadata), the spread and Pin: no pattern or peer names another unit, no limit
+        counts its template group, and it is not global. Such a unit cannot make another
+        unit's placement break a hard rule by merely existing."""
+        return not (
+            self.global_
+            or self.machine_of
+            or self.zone_of
+            or self.region_of
+            or self.conflicts
+            or self.zone_conflicts
+            or self.region_conflicts
+            or self.replaces
+            or self.max_per_machine is not None
+            or self.max_per_zone is not None
+            or self.max_per_region is not None
+        )
+
+    @property
     def uses_zone(self) -> bool:
         return bool(self.zone_of or self.zone_conflicts or self.max_per_zone is not None)
 

@@ -100,7 +100,10 @@ def test_claim_fails_when_desired_state_or_units_changed_or_machine_absent(
     assert not reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
     snap = reg.snapshot()
     desired = snap.desired["u.service"].revision
-    backend.submit("other.service")  # unit content changed after the snapshot
+    # Unit content changed after the snapshot: a new unit whose rule names others.
+    text = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nConflicts=u*.service\n"
+    before = reg.snapshot()
+    assert reg.write_units([UnitRecord("other.service", text, content_hash(text))], None, before)
     assert not reg.claim("u.service", "m1", lease, snap.revision, desired, NO_GUARDS)
     snap = reg.snapshot()
     assert not reg.claim("u.service", "nobody", lease, snap.revision, desired, NO_GUARDS)
@@ -212,15 +215,14 @@ def test_watch_reports_every_change_in_order_from_the_revision(backend: Backend)
         reg.set_desired(["a.service"], DesiredState.INACTIVE)
         reg.destroy(["a.service"])
         deadline = time.monotonic() + 10
-        while len(events) < 6 and time.monotonic() < deadline:
+        while len(events) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         cancel()
     keys = [(e.key.rsplit("/", 2)[-2], e.value is None) for e in events]
     assert keys == [
         ("unit", False),
-        ("desired", False),
-        ("meta", False),  # the units-changed mark, written with the content
+        ("desired", False),  # no units-changed mark: a new self-contained unit adds no rule
         ("desired", False),
         ("unit", True),
         ("desired", True),
@@ -321,18 +323,63 @@ def test_only_unit_content_writes_move_the_units_changed_mark(backend: Backend) 
         NO_GUARDS,
     )
     assert desired != snap.desired["u.service"].revision
-    # A new text for a unit (not only a new unit) moves the mark.
+    # A new text for a unit moves the mark.
+    backend.submit("v.service")
     before = reg.snapshot()
     text = "[Service]\nExecStart=/bin/true\n"
-    record = UnitRecord("v.service", text, content_hash(text))
-    assert reg.write_units([record], DesiredState.LAUNCHED, before)
+    assert reg.write_units([UnitRecord("u.service", text, content_hash(text))], None, before)
     assert not reg.claim(
-        "v.service", "m1", lease, before.revision, reg.snapshot().desired["v.service"].revision,
+        "v.service", "m1", lease, before.revision, before.desired["v.service"].revision,
         NO_GUARDS,
     )
     after = reg.snapshot()
     assert after.refused == {}
     assert set(after.units) == {"u.service", "v.service"}
+    assert after.units["u.service"].text == text
+
+
+@pytest.mark.parametrize(
+    ("xfleet", "moves"),
+    [
+        ("", False),
+        ("MachineMetadata=disk=ssd\nMachineID=abc", False),
+        ("Conflicts=web@*.service", True),
+        ("ZoneConflicts=db*", True),
+        ("RegionConflicts=db*", True),
+        ("Replaces=old.service", True),
+        ("MachineOf=w.service", True),
+        ("ZoneOf=w.service", True),
+        ("RegionOf=w.service", True),
+        ("MaxPerMachine=1", True),
+        ("MaxPerZone=1", True),
+        ("MaxPerRegion=1", True),
+        ("Global=true", True),
+    ],
+)
+def test_a_new_unit_moves_the_units_changed_mark_only_when_it_can_add_a_rule(
+    backend: Backend, xfleet: str, moves: bool
+) -> None:
+    """A claim in flight stays valid across new self-contained units (a submission of plain
+    instances goes on while the first of them are claimed); a unit whose rules name or count
+    others, or a global one, could add a rule the claim did not guard on, and fails it."""
+    reg = backend.registry
+    lease = backend.join("m1")
+    snap = backend.submit("w.service")
+    text = TEXT + (f"\n[X-Fleet]\n{xfleet}\n" if xfleet else "")
+    assert reg.write_units(
+        [UnitRecord("web@7.service", text, content_hash(text))], DesiredState.LAUNCHED, snap
+    )
+    won = reg.claim(
+        "w.service", "m1", lease, snap.revision, snap.desired["w.service"].revision, NO_GUARDS
+    )
+    assert won is not moves
+    many = backend.submit("x.service")
+    assert reg.write_units(
+        [UnitRecord("web@8.service", text, content_hash(text))], DesiredState.LAUNCHED, many
+    )
+    assert reg.claim_many(
+        {"x.service": many.desired["x.service"].revision}, "m1", lease, many.revision
+    ) == {"x.service": not moves}
 
 
 def test_claim_many_wins_or_loses_each_unit_on_its_own(backend: Backend) -> None:
@@ -354,10 +401,12 @@ def test_claim_many_wins_or_loses_each_unit_on_its_own(backend: Backend) -> None
     before = reg.snapshot().revision
     assert not any(reg.claim_many(desired, "m1", lease, snap.revision).values())
     assert reg.snapshot().revision == before
-    # Unit content written after the snapshot: every claim of the batch is lost.
+    # Unit content written after the snapshot (a new text for a): every claim of the batch
+    # is lost.
     snap = backend.submit("e.service", "f.service")
     seen = {n: snap.desired[n].revision for n in ("e.service", "f.service")}
-    backend.submit("g.service")
+    text = TEXT + "# v2\n"
+    assert reg.write_units([UnitRecord("a.service", text, content_hash(text))], None, snap)
     assert reg.claim_many(seen, "m1", lease, snap.revision) == {
         "e.service": False, "f.service": False,
     }

@@ -72,16 +72,33 @@ def _machine(registry: EtcdRegistry, machine_id: str = "m1") -> int:
     return lease
 
 
-def test_claim_is_refused_once_any_unit_content_changed(registry: EtcdRegistry) -> None:
+def test_claim_is_refused_once_a_unit_content_that_can_add_a_rule_changed(
+    registry: EtcdRegistry,
+) -> None:
     lease = _machine(registry)
-    registry.write_units([record("a.service")], DesiredState.LAUNCHED, registry.snapshot())
+    names = ["a1.service", "a2.service", "a3.service"]
+    registry.write_units([record(n) for n in names], DesiredState.LAUNCHED, registry.snapshot())
     snap = registry.snapshot()
-    registry.write_units([record("unrelated.service")], None, registry.snapshot())
-    desired = snap.desired["a.service"].revision
-    assert not registry.claim("a.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    desired = {n: snap.desired[n].revision for n in names}
+    # A new self-contained unit adds no rule: a claim planned before it stands...
+    registry.write_units([record("plain.service")], None, registry.snapshot())
+    assert registry.claim("a1.service", "m1", lease, snap.revision, desired["a1.service"],
+                          NO_GUARDS)
+    # ... but not across a new unit whose rule names others, nor across a new text of a unit.
+    naming = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nConflicts=a*\n"
+    registry.write_units([record("naming.service", naming)], None, registry.snapshot())
+    assert not registry.claim("a2.service", "m1", lease, snap.revision, desired["a2.service"],
+                              NO_GUARDS)
+    later = registry.snapshot()
+    changed = record("plain.service", "[Service]\nExecStart=/bin/false\n")
+    registry.write_units([changed], None, later)
+    assert not registry.claim("a3.service", "m1", lease, later.revision, desired["a3.service"],
+                              NO_GUARDS)
     fresh = registry.snapshot()
-    assert registry.claim("a.service", "m1", lease, fresh.revision, desired, NO_GUARDS)
-    assert not registry.claim("a.service", "m1", lease, fresh.revision, desired, NO_GUARDS)
+    assert registry.claim("a3.service", "m1", lease, fresh.revision, desired["a3.service"],
+                          NO_GUARDS)
+    assert not registry.claim("a3.service", "m1", lease, fresh.revision, desired["a3.service"],
+                              NO_GUARDS)
 
 
 def test_claim_is_refused_when_a_guarded_owner_changed(registry: EtcdRegistry) -> None:

@@ -23,7 +23,8 @@ units/hello@.service (a shell loop):
   makes (one LinkUnitFiles, one Reload, the StartUnit calls sent together), which W1 is held
   against, and with one call per unit.
 - where W1's time goes, from the agents' logs: time to the last claim, to the last start call,
-  and the rest (publication and the listing's polling).
+  and the rest (publication and the listing's polling); and the claims made by a machine not
+  ranked first (a unit its favourite left unclaimed for a stagger, which delays its start).
 """
 
 from __future__ import annotations
@@ -179,9 +180,9 @@ def listed_addresses(env: dict[str, str]) -> set[str]:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
-def log_times(directory: Path, pattern: str, since: float) -> list[float]:
-    """Epoch seconds of every agent log line matching `pattern`, logged after `since`."""
-    stamps: list[float] = []
+def log_lines(directory: Path, pattern: str, since: float) -> list[tuple[float, str]]:
+    """(epoch seconds, line) of every agent log line matching `pattern`, logged after `since`."""
+    found: list[tuple[float, str]] = []
     for log in directory.rglob("fleetd.log"):
         for line in log.read_text(errors="replace").splitlines():
             if pattern not in line:
@@ -191,8 +192,23 @@ def log_times(directory: Path, pattern: str, since: float) -> list[float]:
                 continue
             stamp = datetime.fromisoformat(match.group(1).replace(",", ".")).timestamp()
             if stamp >= since:
-                stamps.append(stamp)
-    return stamps
+                found.append((stamp, line))
+    return sorted(found)
+
+
+def log_times(directory: Path, pattern: str, since: float) -> list[float]:
+    """Epoch seconds of every agent log line matching `pattern`, logged after `since`."""
+    return [stamp for stamp, _ in log_lines(directory, pattern, since)]
+
+
+def fallback_claims(directory: Path, since: float) -> str:
+    """The claims made by a machine not ranked first (a favourite did not claim in time), which
+    put a unit's start a stagger later: their count and the latest one's log line."""
+    late = [(t, line) for t, line in log_lines(directory, "claimed hello@", since)
+            if "ranked first" not in line]
+    if not late:
+        return "none"
+    return f"{len(late)}, the latest {late[-1][0] - since:.2f} s in: {late[-1][1].strip()}"
 
 
 def start_calls(directory: Path, since: float) -> list[float]:
@@ -408,7 +424,8 @@ def main() -> None:
             print(f"W1 breakdown: fleetctl submit {submitted:.2f} s; last claim at "
                   f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "
                   f"all published active in etcd at {since(published, start)}; "
-                  f"all seen active by the 0.25 s listing poll at {w1:.2f} s")
+                  f"all seen active by the 0.25 s listing poll at {w1:.2f} s; claims not by "
+                  f"the machine ranked first: {fallback_claims(Path(directory), wall)}")
 
         time.sleep(3)
         before = proposals(endpoint)

@@ -23,10 +23,10 @@ Before a turn, the host waits (at most CLAIM_SETTLE) until the picture shows the
 machines won in the turns before. One watch applying the events of 200 machines in one
 interpreter falls a second or more behind etcd at the height of a placement, where each real
 machine's own watch shows its claims within milliseconds (and the real agent waits CLAIM_WAIT for
-them). Without the wait, the turns after planned from pictures that lacked those claims: they
-lost claims (a fifth to a third of all claim transactions), and a favourite that held back its
-bids until it saw its own claims looked slow to the machines ranked after it, which took its
-units (2 of 8 runs ended with a 49-51 balance, one later run 43-57).
+them). Without the wait, the turns after planned from pictures that lacked those claims: a
+favourite that held back its bids until it saw its own claims looked slow to the machines
+ranked after it, which took its units (2 of 8 runs ended with a 49-51 balance, one later run
+43-57).
 """
 
 from __future__ import annotations

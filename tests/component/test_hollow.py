@@ -73,6 +73,9 @@ def test_hollow_machines_place_balance_and_take_over(
     for name in names:
         loads[snap.owners[name].machine_id] += 1
     assert max(loads.values()) - min(loads.values()) <= 1, loads
+    # The turns after the claims waited for the shared picture to show them, as each real
+    # machine's own watch would show its own.
+    assert host.catch_up_waits
     # A power cut: the lease runs out and the others take the units over.
     victim = sorted(host.machines)[0]
     victim_id = host.machines[victim].agent.me

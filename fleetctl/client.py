@@ -60,8 +60,9 @@ class GlobalOptions:
 
 
 def build_registry(options: GlobalOptions) -> Registry:
-    # Imported here: the etcd and gRPC libraries take a while to load, and most errors a user
-    # makes (a bad name, a missing file) are found before they are needed.
+    # Imported here: most errors a user makes (a bad name, a missing file) are found before a
+    # registry is needed. Over etcd's JSON gateway: a command then loads no gRPC library, which
+    # would be most of the CPU a short command such as list-units costs.
     from fleetd.registry import EtcdRegistry
 
     return EtcdRegistry(
@@ -73,6 +74,7 @@ def build_registry(options: GlobalOptions) -> Registry:
         key_file=options.key_file,
         username=options.username,
         password=options.password,
+        transport="http",
     )
 
 

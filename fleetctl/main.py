@@ -8,7 +8,6 @@ the table's exit code; `--debug` lets the exception through with its traceback i
 
 import gc
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -266,10 +265,6 @@ for group in (lifecycle, listing, inspect, rebalance, remote, version, completio
 
 
 def main() -> None:
-    # gRPC's C core writes its own log lines to stderr, where fleetctl promises one line per
-    # error. It reads the variable when the registry first imports it, after this point.
-    if "--debug" not in sys.argv:
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     # What the imports built lives until the process ends: frozen, the cycle collector no longer
     # walks it on each full collection while a command builds a large registry's rows.
     gc.freeze()

@@ -1,8 +1,12 @@
-"""The etcd adapter: every read and write of the registry, over the python-etcd3 API.
+"""The etcd adapter: every read and write of the registry, whatever carries it to etcd.
 
 It moves bytes between etcd and the core's types (`fleetd.snapshot`), builds keys only through
-`fleetd.keys`, and turns every client failure into `RegistryUnavailable` with a one-line reason.
-Transactions are the unit of safety here:
+`fleetd.keys`, and turns every failure into a typed error with a one-line reason: a refusal etcd
+gave (authentication, permission, size) into its own error, anything else into
+`RegistryUnavailable`. Requests are built out of `fleetd.etcd_kv`'s values and sent by one of two
+transports: gRPC (`fleetd.etcd_grpc`, the default, which the agent uses) or etcd's JSON gateway
+(`fleetd.etcd_http`, which fleetctl uses: it starts without gRPC's libraries). Transactions are
+the unit of safety here:
 
 - a claim creates the owner key only if it is absent, bound to the claimant's lease, and only if
   every fact the placement relied on still holds (`fleetd.placement.Guards`) and no unit content
@@ -20,14 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
-
-import grpc
-import pyetcd
-from pyetcd import etcdrpc
-from pyetcd import exceptions as etcd_exceptions
-from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
 from fleetd.errors import (
     AuthError,
@@ -36,6 +34,19 @@ from fleetd.errors import (
     PermissionDenied,
     RegistryUnavailable,
     UnitTooLarge,
+)
+from fleetd.etcd_kv import (
+    Compare,
+    Delete,
+    Op,
+    Put,
+    Refused,
+    Transport,
+    Txn,
+    Unreachable,
+    created,
+    holds,
+    modified,
 )
 from fleetd.keys import KeyLayout, Kind, range_end
 from fleetd.model import DesiredState, Machine, PublishedState
@@ -64,10 +75,6 @@ MAX_TXN_OPS = 120
 # leave the agent's heap that much larger for good.
 SNAPSHOT_PAGE = 2000
 
-# gRPC refuses answers over 4 MB by default, and a page of the registry may hold several units
-# of up to 1.5 MB each.
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 1 << 30)]
-
 
 def parse_endpoints(text: str | Sequence[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -81,26 +88,6 @@ def parse_endpoints(text: str | Sequence[str]) -> list[str]:
                 f"etcd endpoint {endpoint!r} is not a URL: use http://HOST:PORT or https://HOST:PORT"
             )
     return endpoints
-
-
-def _details(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
-        return str(exc.details() or "")
-    return ""
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        details = exc.details() if hasattr(exc, "details") else None
-        return str(details or exc.code() if hasattr(exc, "code") else exc)
-    if isinstance(exc, etcd_exceptions.ConnectionFailedError):
-        return "connection refused or unavailable"
-    if isinstance(exc, etcd_exceptions.ConnectionTimeoutError):
-        return "request timed out"
-    if isinstance(exc, etcd_exceptions.NoServerAvailableError):
-        return "no endpoint available"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
 
 
 @contextmanager
@@ -120,7 +107,7 @@ def _no_collection() -> Iterator[None]:
 
 # A unit's part of a write: its compare, its operations, their bytes, and whether it moves the
 # units-changed mark.
-_Group = tuple[Any, list[Any], int, bool]
+_Group = tuple[Compare, list[Op], int, bool]
 
 
 def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
@@ -152,6 +139,7 @@ class EtcdRegistry:
         key_file: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        transport: Literal["grpc", "http"] = "grpc",
     ) -> None:
         self.endpoints = parse_endpoints(endpoints)
         if username and password is None:
@@ -165,93 +153,53 @@ class EtcdRegistry:
         self._auth_lock = threading.Lock()
         self.layout = KeyLayout(prefix)
         self.timeout = timeout
-        creds = None
-        if ca_file or cert_file or key_file:
-            if not ca_file:
-                raise ConfigError("a client certificate needs a CA file too: set --ca-file")
-            if bool(cert_file) != bool(key_file):
-                raise ConfigError("--cert-file and --key-file go together: set both or neither")
-            try:
-                creds = MultiEndpointEtcd3Client.get_secure_creds(ca_file, key_file, cert_file)
-            except OSError as exc:
-                raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-        eps = []
+        if (cert_file or key_file) and not ca_file:
+            raise ConfigError("a client certificate needs a CA file too: set --ca-file")
+        if bool(cert_file) != bool(key_file):
+            raise ConfigError("--cert-file and --key-file go together: set both or neither")
         for url in self.endpoints:
-            parts = urlsplit(url)
-            secure = parts.scheme == "https"
-            if secure and creds is None:
+            if urlsplit(url).scheme == "https" and not ca_file:
                 raise ConfigError(f"etcd endpoint {url} uses https: set --ca-file")
-            # A failed endpoint is retried after a short pause: with few members, giving up on
-            # one for minutes (the client's default) would leave nothing to fail over to.
-            eps.append(
-                Endpoint(
-                    parts.hostname,
-                    parts.port or 2379,
-                    secure=secure,
-                    creds=creds if secure else None,
-                    time_retry=1.0,
-                    opts=GRPC_OPTIONS,
-                )
-            )
-        self._client = MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
-        self._lock = threading.Lock()
+        # Imported here: each transport's libraries load only for the registries that use it.
+        if transport == "http":
+            from fleetd.etcd_http import HttpTransport
 
-    # ------------------------------------------------------------------------------ plumbing
+            self.transport: Transport = HttpTransport(
+                self.endpoints, timeout, ca_file, cert_file, key_file
+            )
+        else:
+            from fleetd.etcd_grpc import GrpcTransport
+
+            self.transport = GrpcTransport(self.endpoints, timeout, ca_file, cert_file, key_file)
 
     # --------------------------------------------------------------------------- auth
 
     def _authenticate(self) -> None:
-        """Get a token for our user; etcd checks it on every request but lease keep-alives.
-
-        The library's own user/password support sends the token as call credentials, which gRPC
-        refuses on plain-text channels, so the token goes in each call's metadata instead (the
-        watch stream takes the metadata it was opened with).
-        """
+        """Get a token for our user; etcd checks it on every request but lease keep-alives."""
         with self._auth_lock:
             if self._token is not None:
                 return
             if not self.username:
                 self._token = ""
                 return
-            request = etcdrpc.AuthenticateRequest(name=self.username, password=self._password)
             try:
-                response = self._client.authstub.Authenticate(request, self.timeout)
-            except grpc.RpcError as exc:
-                if "authentication is not enabled" in _details(exc):
-                    # Credentials ahead of `etcdctl auth enable` are fine: go without a token,
-                    # and authenticate once etcd starts asking for one.
-                    self._token = ""
-                    return
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    # Let the client mark the endpoint failed so the next try uses another.
-                    self._client._manage_grpc_errors(exc)
-                raise
-            self._token = str(response.token)
-            metadata = (("token", self._token),)
-            self._client.metadata = metadata
-            # The watch stream in use keeps its old token; new streams get the new one.
-            watcher = self._client._stubs.get("watcher")
-            if watcher is not None:
-                watcher._metadata = metadata
+                token = self.transport.authenticate(self.username, self._password or "")
+            except Refused as exc:
+                if "authentication is not enabled" not in exc.details:
+                    raise
+                # Credentials ahead of `etcdctl auth enable` are fine: go without a token, and
+                # authenticate once etcd starts asking for one.
+                token = ""
+            self._token = token
+            self.transport.use_token(token)
 
     def _forget_token(self) -> None:
         with self._auth_lock:
             self._token = None
 
-    def _reset_watch_stream(self) -> None:
-        """Drop the shared watch stream: etcd checks a new watch against the token the stream
-        was opened with, so after a new token only a new stream can create watches."""
-        watcher = self._client._stubs.pop("watcher", None)
-        if watcher is not None:
-            try:
-                watcher.close()
-            except Exception:
-                log.debug("closing the watch stream failed", exc_info=True)
-
-    def _refusal(self, exc: BaseException, doing: str) -> FleetError | None:
+    def _refusal(self, details: str, doing: str) -> FleetError | None:
         """The typed error for a request etcd refused (authentication, permission, size), else
         None."""
-        details = _details(exc)
         where = ",".join(self.endpoints)
         who = f"user {self.username!r}" if self.username else "an anonymous client"
         if "invalid auth token" in details or ("user name is empty" in details and self.username):
@@ -284,15 +232,16 @@ class EtcdRegistry:
             if self._token is None:
                 self._authenticate()
             yield
-        except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
-            denied = self._refusal(exc, doing)
+        except Refused as exc:
+            denied = self._refusal(exc.details, doing)
             if denied is not None:
                 raise denied from exc
-            reason = _reason(exc)
-            if any(e.startswith("https:") for e in self.endpoints) and isinstance(
-                exc, etcd_exceptions.ConnectionFailedError | etcd_exceptions.NoServerAvailableError
-            ):
-                # gRPC reports a refused TLS handshake like any unreachable server.
+            raise RegistryUnavailable(
+                f"cannot reach etcd at {','.join(self.endpoints)}: {exc.details}"
+            ) from exc
+        except Unreachable as exc:
+            reason = exc.reason
+            if exc.handshake and any(e.startswith("https:") for e in self.endpoints):
                 reason += " (or the TLS handshake failed: check the CA, certificate and key files)"
             raise RegistryUnavailable(
                 f"cannot reach etcd at {','.join(self.endpoints)}: {reason}"
@@ -320,10 +269,15 @@ class EtcdRegistry:
         raise first
 
     def close(self) -> None:
-        try:
-            self._client.close()
-        except Exception:
-            log.debug("closing the etcd client failed", exc_info=True)
+        self.transport.close()
+
+    def grpc_client(self) -> Any:
+        """The python-etcd3 client under a gRPC registry (benchmarks write raw keys with it)."""
+        from fleetd.etcd_grpc import GrpcTransport
+
+        if not isinstance(self.transport, GrpcTransport):
+            raise TypeError("this registry speaks to etcd over its JSON gateway, not gRPC")
+        return self.transport.client
 
     # ---------------------------------------------------------------------------------- reads
 
@@ -334,27 +288,19 @@ class EtcdRegistry:
         def read() -> Snapshot:
             # A fresh picture: nothing to journal until it is complete.
             snap = Snapshot(journal=False)
-            start, end = prefix.encode(), range_end(prefix)
-            revision: int | None = None
+            start: str | bytes = prefix
+            end = range_end(prefix)
+            revision = 0
             with _no_collection():
                 while True:
                     # Every page at the first page's revision: one consistent picture.
-                    response = self._client.get_range_response(
-                        start, end, limit=SNAPSHOT_PAGE, revision=revision
-                    )
-                    if revision is None:
-                        revision = int(response.header.revision)
-                    for kv in response.kvs:
-                        snap.apply(
-                            self.layout,
-                            kv.key.decode(),
-                            kv.value,
-                            kv.mod_revision,
-                            kv.create_revision,
-                        )
-                    if not response.more or not response.kvs:
+                    page = self.transport.range(start, end, SNAPSHOT_PAGE, revision)
+                    revision = revision or page.revision
+                    for key, value, mod_revision, create_revision, _ in page.rows:
+                        snap.apply(self.layout, key.decode(), value, mod_revision, create_revision)
+                    if not page.more or not page.rows:
                         break
-                    start = bytes(response.kvs[-1].key) + b"\0"
+                    start = page.rows[-1][0] + b"\0"
             snap.revision = revision
             snap.journal = True
             return snap
@@ -371,31 +317,15 @@ class EtcdRegistry:
         prefix = self.layout.kind_prefix(Kind.MACHINE)
 
         def leases() -> dict[str, int]:
-            found = self._client.get_prefix(prefix, keys_only=True)
-            return {
-                meta.key.decode()[len(prefix) :]: int(meta.lease_id)
-                for _, meta in found
-                if meta.key.decode()[len(prefix) :] in wanted and meta.lease_id
-            }
-
-        def ttl(lease_id: int) -> tuple[int, int]:
-            # Without the keys: listing a lease's keys needs read access to them.
-            request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False)
-            try:
-                response = self._client.leasestub.LeaseTimeToLive(
-                    request, self.timeout, metadata=self._client.metadata
-                )
-            except grpc.RpcError as exc:
-                # As the library's own calls do: a dead endpoint is marked, the retry moves on.
-                self._client._manage_grpc_errors(exc)
-                raise
-            return int(response.grantedTTL), int(response.TTL)
+            page = self.transport.range(prefix, range_end(prefix), keys_only=True)
+            found = ((key.decode()[len(prefix) :], lease) for key, _, _, _, lease in page.rows)
+            return {machine: lease for machine, lease in found if machine in wanted and lease}
 
         ages: dict[str, float] = {}
         for machine_id, lease_id in self._retrying(leases, doing="read access").items():
-            granted, remaining = self._retrying(partial(ttl, lease_id), doing="read access")
-            if remaining >= 0 and granted > 0:
-                ages[machine_id] = float(max(0, granted - remaining))
+            lease = self._retrying(partial(self.transport.lease, lease_id), doing="read access")
+            if lease.remaining >= 0 and lease.granted > 0:
+                ages[machine_id] = float(max(0, lease.granted - lease.remaining))
         return ages
 
     def watch(
@@ -405,64 +335,40 @@ class EtcdRegistry:
         gets each batch of events, or the exception that ended the watch (then re-sync)."""
         prefix = self.layout.prefix
 
-        def on_response(response: Any) -> None:
-            if isinstance(response, BaseException):
-                callback(response)
-                return
-            events = []
-            for event in response.events:
-                is_put = isinstance(event, pyetcd.events.PutEvent)
-                events.append(
-                    WatchEvent(
-                        event.key.decode(),
-                        event.value if is_put else None,
-                        event.mod_revision,
-                        event.create_revision,
-                    )
-                )
-            if events:
-                callback(events)
-
-        def add() -> int:
-            return int(
-                self._client.add_watch_prefix_callback(
-                    prefix, on_response, start_revision=start_revision
-                )
-            )
+        def add() -> Callable[[], None] | None:
+            try:
+                return self.transport.watch(prefix, start_revision, callback)
+            except Refused as exc:
+                if "permission denied" in exc.details:
+                    return None
+                raise
 
         with self._calling("read access"):
-            watch_id = add()
-            if watch_id < 0 and self.username:
+            cancel = add()
+            if cancel is None and self.username:
                 # etcd refused the watch: the stream may carry an expired token. Try once more
                 # on a fresh stream with a fresh token before calling it a denial.
                 self._forget_token()
                 self._authenticate()
-                self._reset_watch_stream()
-                watch_id = add()
-        if watch_id < 0:
+                self.transport.reset_watches()
+                cancel = add()
+        if cancel is None:
             raise PermissionDenied(
                 f"etcd at {','.join(self.endpoints)} refused to watch {prefix}"
                 + (f" for user {self.username!r}" if self.username else "")
                 + ": permission denied (the user's roles do not allow reading it)"
             )
-
-        def cancel() -> None:
-            try:
-                self._client.cancel_watch(watch_id)
-            except Exception:
-                log.debug("cancelling the watch failed", exc_info=True)
-
         return cancel
 
     # ------------------------------------------------------------------------ fleetctl writes
 
-    def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+    def _txn(self, compare: Sequence[Compare], success: Sequence[Op]) -> bool:
         # Every transaction here is guarded or idempotent, so one that failed on a dying
         # endpoint is safe to send again to the next: if the first did commit, the guard of the
         # second fails and callers treat that as "re-read and decide again".
         def call() -> bool:
-            ok, _ = self._client.transaction(compare=compare, success=success, failure=[])
-            return bool(ok)
+            ok, _ = self.transport.txn(compare, success)
+            return ok
 
         result: bool = self._retrying(call)
         return result
@@ -482,95 +388,88 @@ class EtcdRegistry:
         part carrying its own units' guards; after a failed part, the parts before it stay
         written and a retry finds them already done.
         """
-        tx = self._client.transactions
         groups: list[_Group] = []
         for record in records:
             key = self.layout.unit(record.name)
             old = seen.units.get(record.name)
-            ops: list[Any] = []
+            ops: list[Op] = []
             size = 3 * len(key)
             mark = False
             if old is None or old.hash != record.hash:
                 value = encode_unit(record)
-                ops.append(tx.put(key, value))
+                ops.append(Put(key, value))
                 size += len(value.encode())
                 mark = moves_units_changed(record, old)
             current = seen.desired.get(record.name)
             state = desired or (current.state if current else DesiredState.INACTIVE)
             if current is None or current.state is not state:
-                ops.append(tx.put(self.layout.desired(record.name), state.value))
+                ops.append(Put(self.layout.desired(record.name), state.value))
             if ops:
-                groups.append((tx.mod(key) == (old.revision if old else 0), ops, size, mark))
+                groups.append((modified(key, "==", old.revision if old else 0), ops, size, mark))
         for chunk in _batches(groups):
             ops = [op for _, group_ops, _, _ in chunk for op in group_ops]
             if any(mark for _, _, _, mark in chunk):
                 # What claims compare instead of every unit key (see fleetd.keys).
-                ops.append(tx.put(self.layout.units_changed(), ""))
+                ops.append(Put(self.layout.units_changed(), ""))
             if not self._txn([c for c, _, _, _ in chunk], ops):
                 return False
         return True
 
     def set_desired(self, names: Iterable[str], state: DesiredState) -> None:
-        tx = self._client.transactions
-        ops = [tx.put(self.layout.desired(n), state.value) for n in names]
+        ops: list[Op] = [Put(self.layout.desired(n), state.value) for n in names]
         for i in range(0, len(ops), MAX_TXN_OPS):
             self._txn([], ops[i : i + MAX_TXN_OPS])
 
     def destroy(self, names: Iterable[str]) -> None:
         """Remove units' content and desired state. Owners notice, stop the unit and release it
         themselves; their published state goes with the unload."""
-        tx = self._client.transactions
-        ops: list[Any] = []
+        ops: list[Op] = []
         for name in names:
-            ops.append(tx.delete(self.layout.unit(name)))
-            ops.append(tx.delete(self.layout.desired(name)))
-            ops.append(tx.delete(self.layout.move(name)))
+            ops.append(Delete(self.layout.unit(name)))
+            ops.append(Delete(self.layout.desired(name)))
+            ops.append(Delete(self.layout.move(name)))
         for i in range(0, len(ops), MAX_TXN_OPS):
             self._txn([], ops[i : i + MAX_TXN_OPS])
 
     def request_move(self, unit: str, machine_id: str) -> None:
         """Ask the owner of `unit` to hand it to `machine_id` (a rebalance step)."""
-        self._retrying(lambda: self._client.put(self.layout.move(unit), machine_id))
+        self._retrying(partial(self.transport.put, self.layout.move(unit), machine_id))
 
     def clear_move(self, unit: str) -> None:
-        self._retrying(lambda: self._client.delete(self.layout.move(unit)))
+        self._retrying(partial(self.transport.delete, self.layout.move(unit)))
 
     # --------------------------------------------------------------------------- agent writes
 
     def grant_lease(self, ttl: float) -> int:
-        def grant() -> int:
-            return int(self._client.lease(max(1, round(ttl))).id)
-
-        result: int = self._retrying(grant)
+        result: int = self._retrying(partial(self.transport.grant, max(1, round(ttl))))
         return result
 
     def keepalive(self, lease_id: int) -> float:
         """Refresh the lease; returns its remaining TTL in seconds (0: it has expired)."""
         with self._calling():
-            for response in self._client.refresh_lease(lease_id):
-                return float(response.TTL)
-        return 0.0
+            return float(self.transport.keepalive(lease_id))
 
     def revoke(self, lease_id: int) -> None:
-        self._retrying(lambda: self._client.revoke_lease(lease_id))
+        self._retrying(partial(self.transport.revoke, lease_id))
 
     def register_machine(self, machine: Machine, lease_id: int) -> bool:
         """Announce the machine, only if no live agent holds its id already."""
-        tx = self._client.transactions
         key = self.layout.machine(machine.id)
-        if self._txn([tx.create(key) == 0], [tx.put(key, encode_machine(machine), lease=lease_id)]):
+        if self._txn(
+            [created(key, "==", 0)], [Put(key, encode_machine(machine), lease=lease_id)]
+        ):
             return True
 
         # A retried transaction fails against its own earlier success: the key is then ours.
         def holder() -> int:
-            _, meta = self._client.get(key)
-            return int(meta.lease_id) if meta is not None else 0
+            row = self.transport.get(key)
+            return row[4] if row is not None else 0
 
         return bool(self._retrying(holder) == lease_id)
 
     def update_machine(self, machine: Machine, lease_id: int) -> None:
         key = self.layout.machine(machine.id)
-        self._retrying(lambda: self._client.put(key, encode_machine(machine), lease=lease_id))
+        self._retrying(partial(self.transport.put, key, encode_machine(machine), lease_id))
 
     def claim(
         self,
@@ -582,23 +481,22 @@ class EtcdRegistry:
         guards: Guards,
     ) -> bool:
         """Create the owner key of `unit` for `machine_id`, atomically with every guard."""
-        tx = self._client.transactions
         owner = self.layout.owner(unit)
-        compare: list[Any] = [
-            tx.create(owner) == 0,
-            tx.mod(self.layout.desired(unit)) == desired_revision,
-            tx.create(self.layout.machine(machine_id)) > 0,
+        compare: list[Compare] = [
+            created(owner, "==", 0),
+            modified(self.layout.desired(unit), "==", desired_revision),
+            created(self.layout.machine(machine_id), ">", 0),
+            modified(self.layout.units_changed(), "<", snapshot_revision + 1),
         ]
-        compare.append(tx.mod(self.layout.units_changed()) < snapshot_revision + 1)
         owners_prefix = self.layout.kind_prefix(Kind.OWNER)
         for prefix in sorted(guards.prefixes):
-            compare.append(self._range_mod_below(owners_prefix + prefix, snapshot_revision + 1))
+            compare.append(_range_mod_below(owners_prefix + prefix, snapshot_revision + 1))
         for name, revision in sorted(guards.exact.items()):
-            compare.append(tx.mod(self.layout.owner(name)) == revision)
+            compare.append(modified(self.layout.owner(name), "==", revision))
         if len(compare) > MAX_TXN_OPS - 1:
             # Too many facts to compare one by one: require that no ownership changed at all.
-            compare = [*compare[:4], self._range_mod_below(owners_prefix, snapshot_revision + 1)]
-        return self._txn(compare, [tx.put(owner, encode_owner(machine_id), lease=lease_id)])
+            compare = [*compare[:4], _range_mod_below(owners_prefix, snapshot_revision + 1)]
+        return self._txn(compare, [Put(owner, encode_owner(machine_id), lease=lease_id)])
 
     def claim_many(
         self,
@@ -609,31 +507,29 @@ class EtcdRegistry:
     ) -> dict[str, bool]:
         """One transaction of nested ones, one per unit (etcd judges every nested compare
         against the state before the transaction, and commits each that holds)."""
-        tx = self._client.transactions
-        machine = tx.create(self.layout.machine(machine_id)) > 0
-        changed = tx.mod(self.layout.units_changed()) < snapshot_revision + 1
+        machine = created(self.layout.machine(machine_id), ">", 0)
+        changed = modified(self.layout.units_changed(), "<", snapshot_revision + 1)
         owner_value = encode_owner(machine_id)
         won: dict[str, bool] = {}
         names = sorted(units)
         for start in range(0, len(names), MAX_TXN_OPS):
             part = names[start : start + MAX_TXN_OPS]
-            nested = [
-                tx.txn(
+            nested: list[Op] = [
+                Txn(
                     [
-                        tx.create(self.layout.owner(unit)) == 0,
-                        tx.mod(self.layout.desired(unit)) == units[unit],
+                        created(self.layout.owner(unit), "==", 0),
+                        modified(self.layout.desired(unit), "==", units[unit]),
                         machine,
                         changed,
                     ],
-                    [tx.put(self.layout.owner(unit), owner_value, lease=lease_id)],
-                    [],
+                    [Put(self.layout.owner(unit), owner_value, lease=lease_id)],
                 )
                 for unit in part
             ]
 
-            def send(nested: list[Any] = nested) -> list[bool]:
-                _, responses = self._client.transaction([], nested, [])
-                return [bool(r.response_txn.succeeded) for r in responses]
+            def send(nested: list[Op] = nested) -> list[bool]:
+                _, results = self.transport.txn([], nested)
+                return results
 
             # Safe to send again to the next endpoint: a part that did commit loses every
             # claim the second time, and a lost claim means "re-read and decide again".
@@ -641,15 +537,10 @@ class EtcdRegistry:
             won.update(zip(part, results, strict=True))
         return won
 
-    def _range_mod_below(self, prefix: str, revision: int) -> Any:
-        compare = self._client.transactions.mod(prefix, range_end=range_end(prefix))
-        return compare < revision
-
     def release(self, unit: str, machine_id: str) -> bool:
         """Delete the owner key, only if this machine holds it."""
-        tx = self._client.transactions
         owner = self.layout.owner(unit)
-        return self._txn([tx.value(owner) == encode_owner(machine_id)], [tx.delete(owner)])
+        return self._txn([holds(owner, encode_owner(machine_id))], [Delete(owner)])
 
     def publish_states(
         self,
@@ -658,18 +549,17 @@ class EtcdRegistry:
         states: Mapping[str, PublishedState],
         withdrawn: Iterable[str] = (),
     ) -> None:
-        tx = self._client.transactions
-        ops: list[Any] = [
-            tx.put(self.layout.state(unit, machine_id), encode_state(state), lease=lease_id)
+        ops: list[Op] = [
+            Put(self.layout.state(unit, machine_id), encode_state(state), lease=lease_id)
             for unit, state in sorted(states.items())
         ]
-        ops += [tx.delete(self.layout.state(unit, machine_id)) for unit in sorted(withdrawn)]
+        ops += [Delete(self.layout.state(unit, machine_id)) for unit in sorted(withdrawn)]
         for start in range(0, len(ops), MAX_TXN_OPS):
             # Puts and deletes are idempotent: a part sent again after a dying endpoint
             # committed it writes the same values.
             part = ops[start : start + MAX_TXN_OPS]
+            self._retrying(partial(self.transport.txn, [], part))
 
-            def write(part: list[Any] = part) -> Any:
-                return self._client.transaction([], part, [])
 
-            self._retrying(write)
+def _range_mod_below(prefix: str, revision: int) -> Compare:
+    return modified(prefix, "<", revision, range_end=range_end(prefix))

@@ -76,7 +76,8 @@ def fill(endpoint: str, units: int, machines: int) -> None:
         # One claim and one publish per unit would take minutes: the owner keys and states go
         # in transactions of MAX_TXN_OPS puts instead, each on its machine's lease, with the
         # keys and values the agents write.
-        tx = registry._client.transactions
+        raw = registry.grpc_client()
+        tx = raw.transactions
         layout = registry.layout
         now = time.time()
         ops = []
@@ -91,7 +92,7 @@ def fill(endpoint: str, units: int, machines: int) -> None:
         batches = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
 
         def write(batch: list[Any]) -> None:
-            registry._client.transaction(compare=[], success=batch, failure=[])
+            raw.transaction(compare=[], success=batch, failure=[])
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(write, batches))

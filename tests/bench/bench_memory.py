@@ -153,7 +153,7 @@ class Machines:
         self.leases = {mid: self.client.grant_lease(60) for mid in self.ids}
         for n, mid in enumerate(self.ids):
             machine = Machine(mid, f"127.0.1.{n + 1}", {}, "bench", f"other-{n + 1}")
-            self.client._client.put(
+            self.client.grpc_client().put(
                 self.layout.machine(mid), encode_machine(machine), lease=self.leases[mid]
             )
         self._stop = threading.Event()
@@ -169,7 +169,7 @@ class Machines:
         from fleetd.model import PublishedState
         from fleetd.snapshot import encode_owner, encode_state
 
-        raw = self.client._client
+        raw = self.client.grpc_client()
         tx = raw.transactions
         ops: list[Any] = []
         for n, name in enumerate(names):

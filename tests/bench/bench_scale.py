@@ -73,7 +73,7 @@ def proposals(endpoint: str) -> int:
 def raw_ceiling(endpoint: str, seconds: float = 3.0) -> float:
     """Compare-and-create transactions per second of one client, one after another."""
     client = EtcdRegistry([endpoint], f"/ceiling-{uuid.uuid4().hex[:6]}/")
-    raw = client._client
+    raw = client.grpc_client()
     tx = raw.transactions
     count = 0
     start = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from localcluster import auth
@@ -83,11 +84,18 @@ def test_refusals_are_one_line_and_name_the_fix(secured: tuple[EtcdCluster, Path
         EtcdRegistry(cluster.endpoints, PREFIX, username=NOBODY[0], password=NOBODY[1]).snapshot()
 
 
-def test_each_role_writes_only_where_it_must(secured: tuple[EtcdCluster, Path]) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_each_role_writes_only_where_it_must(
+    secured: tuple[EtcdCluster, Path], transport: Literal["grpc", "http"]
+) -> None:
     cluster, dir = secured
     record = UnitRecord("sneaky.service", unit_text(), content_hash(unit_text()))
-    agent = EtcdRegistry(cluster.endpoints, PREFIX, **_kw(login(dir, auth.AGENT_USER)))
-    admin = EtcdRegistry(cluster.endpoints, PREFIX, **_kw(login(dir, auth.ADMIN_USER)))
+    agent = EtcdRegistry(
+        cluster.endpoints, PREFIX, transport=transport, **_kw(login(dir, auth.AGENT_USER))
+    )
+    admin = EtcdRegistry(
+        cluster.endpoints, PREFIX, transport=transport, **_kw(login(dir, auth.ADMIN_USER))
+    )
     try:
         # An agent's credentials cannot put a unit into the cluster...
         with pytest.raises(PermissionDenied):
@@ -97,7 +105,9 @@ def test_each_role_writes_only_where_it_must(secured: tuple[EtcdCluster, Path]) 
         with pytest.raises(PermissionDenied):
             admin.register_machine(Machine("f" * 32, "127.0.0.1"), lease)
         # Outside the prefix nothing is allowed to either.
-        outside = EtcdRegistry(cluster.endpoints, "/other/", **_kw(login(dir, auth.ADMIN_USER)))
+        outside = EtcdRegistry(
+            cluster.endpoints, "/other/", transport=transport, **_kw(login(dir, auth.ADMIN_USER))
+        )
         with pytest.raises(PermissionDenied):
             outside.snapshot()
         outside.close()

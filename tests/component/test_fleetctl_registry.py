@@ -6,6 +6,8 @@ checks the registry through `EtcdRegistry.snapshot`, never through fleetctl itse
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +309,28 @@ def test_environment_variables_configure_the_connection(
     monkeypatch.setenv("FLEETCTL_REQUEST_TIMEOUT", "2")
     result = CliRunner().invoke(app, ["list-unit-files", "--no-legend", "--fields", "unit"])
     assert result.stdout == "a.service\n"
+
+
+def test_commands_load_no_grpc_library(fleetctl: Fleetctl) -> None:
+    """fleetctl speaks to etcd over its JSON gateway: a command starts without gRPC and the etcd
+    client's protobuf code, most of what a short command such as list-units would cost."""
+    path = fleetctl.file("light.service", PLAIN)
+    code = (
+        "import sys\n"
+        "from fleetctl.main import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = ('grpc', 'pyetcd', 'google')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    endpoint = ["--endpoint", fleetctl.endpoints[0], "--etcd-key-prefix", fleetctl.prefix]
+    for command in (["submit", path], ["list-unit-files", "--no-legend"], ["list-units"]):
+        run = subprocess.run(
+            [sys.executable, "-c", code, *endpoint, *command],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines()[-1] == "[]", (command, run.stdout)
+    assert "light.service" in fleetctl.snapshot().units

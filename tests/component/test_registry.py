@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleetd.errors import RegistryUnavailable
 from fleetd.model import DesiredState, Machine
 from fleetd.placement import NO_GUARDS, Guards
 from fleetd.registry import MAX_TXN_OPS, EtcdRegistry
@@ -21,11 +22,34 @@ def record(name: str, text: str = "[Service]\nExecStart=/bin/true\n") -> UnitRec
     return UnitRecord(name, text, content_hash(text))
 
 
-@pytest.fixture
-def registry(etcd, etcd_prefix):  # noqa: F811
-    reg = EtcdRegistry(list(etcd.endpoints), etcd_prefix)
+@pytest.fixture(params=["grpc", "http"])
+def registry(request, etcd, etcd_prefix):  # noqa: F811
+    """Over each transport: gRPC (the agent's) and etcd's JSON gateway (fleetctl's)."""
+    reg = EtcdRegistry(list(etcd.endpoints), etcd_prefix, transport=request.param)
     yield reg
     reg.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_dead_endpoint_fails_over_to_the_next_and_none_left_is_one_line(
+    etcd, etcd_prefix, transport  # noqa: F811
+) -> None:
+    dead = "http://127.0.0.1:1"
+    reg = EtcdRegistry([dead, *etcd.endpoints], etcd_prefix, timeout=2, transport=transport)
+    try:
+        for _ in range(3):  # whichever endpoint a request starts from, it gets an answer
+            assert reg.write_units([record("over.service")], None, reg.snapshot())
+            assert "over.service" in reg.snapshot().units
+    finally:
+        reg.close()
+    alone = EtcdRegistry([dead], etcd_prefix, timeout=2, transport=transport)
+    try:
+        with pytest.raises(RegistryUnavailable) as refused:
+            alone.snapshot()
+    finally:
+        alone.close()
+    message = str(refused.value)
+    assert message.startswith(f"cannot reach etcd at {dead}: ") and "\n" not in message
 
 
 def test_a_batch_larger_than_one_transaction(registry: EtcdRegistry) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -157,13 +158,16 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pa
 TLS_UNIT = "[Service]\nExecStart=/bin/true\n"
 
 
-def _tls_registry(url: str, folder: Path) -> EtcdRegistry:
+def _tls_registry(
+    url: str, folder: Path, transport: Literal["grpc", "http"] = "grpc"
+) -> EtcdRegistry:
     return EtcdRegistry(
         url,
         "/tls/",
         ca_file=str(folder / "ca.crt"),
         cert_file=str(folder / "client.crt"),
         key_file=str(folder / "client.key"),
+        transport=transport,
     )
 
 
@@ -175,9 +179,12 @@ def _write_tls_unit(registry: EtcdRegistry) -> bool:
     )
 
 
-def test_registry_reads_and_writes_over_tls(tls_etcd: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_registry_reads_and_writes_over_tls(
+    tls_etcd: tuple[str, Path], transport: Literal["grpc", "http"]
+) -> None:
     url, folder = tls_etcd
-    registry = _tls_registry(url, folder)
+    registry = _tls_registry(url, folder, transport)
     text = TLS_UNIT
     assert _write_tls_unit(registry)
     snap = registry.snapshot()

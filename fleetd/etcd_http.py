@@ -178,6 +178,9 @@ class HttpTransport:
         conn = self._local.__dict__.get("conns", {}).pop(index, None)
         if conn is not None:
             conn.close()
+            with self._lock:
+                if conn in self._open:
+                    self._open.remove(conn)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -96,7 +96,7 @@ def _op(op: Op) -> dict[str, Any]:
     }
 
 
-def _reason(exc: BaseException) -> Unreachable:
+def _unreachable(exc: BaseException) -> Unreachable:
     if isinstance(exc, ssl.SSLError):
         return Unreachable(f"the TLS handshake failed ({exc.reason or exc})")
     if isinstance(exc, TimeoutError | socket.timeout):
@@ -203,7 +203,7 @@ class HttpTransport:
                 if not fresh and not isinstance(exc, TimeoutError | socket.timeout):
                     continue  # a kept connection etcd had closed: once more on a new one
                 self._fail(index)
-                raise _reason(exc) from exc
+                raise _unreachable(exc) from exc
         return self._answer(index, response.status, raw)
 
     def _answer(self, index: int, status: int, raw: bytes) -> dict[str, Any]:
@@ -322,7 +322,7 @@ class HttpTransport:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             self._fail(index)
-            raise _reason(exc) from exc
+            raise _unreachable(exc) from exc
         except BaseException:
             conn.close()
             raise
@@ -359,7 +359,7 @@ class HttpTransport:
                         handler(events)
             except Exception as exc:
                 if not cancelled.is_set():
-                    handler(exc if isinstance(exc, Refused | Unreachable) else _reason(exc))
+                    handler(exc if isinstance(exc, Refused | Unreachable) else _unreachable(exc))
             finally:
                 conn.close()
                 with self._lock:

@@ -71,6 +71,10 @@ Type=notify
 ExecStart={JOURNALD}
 StandardOutput=null
 Restart=on-failure
+# journald hands every stdout stream it accepts to the manager's fd store, as a host's
+# systemd-journald.service allows (4224): without room the manager warns once per unit start on
+# /dev/console, a serial line here, and answered D-Bus calls ~0.1 s after each batch of starts.
+FileDescriptorStoreMax=4224
 
 [Install]
 WantedBy=basic.target

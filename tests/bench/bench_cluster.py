@@ -25,9 +25,14 @@ units/hello@.service (a shell loop):
 - rounds: the batched floor and W1 run in turn `--rounds` times (the units destroyed between
   rounds), each W1 held against the floor just before it; the median of those ratios is the
   figure to quote, since the same floor varies by a third from one minute to the next here.
-- where W1's time goes, from the agents' logs: time to the last claim, to the last start call,
-  and the rest (publication and the listing's polling); and the claims made by a machine not
-  ranked first (a unit its favourite left unclaimed for a stagger, which delays its start).
+- where W1's time goes, from the agents' logs: time to the last claim, to the last start call;
+  from systemd's own ActiveEnterTimestampMonotonic of every unit, read afterwards: when the
+  last unit became active (for the floor too); then publication and the listing's polling;
+  and the claims made by a machine not ranked first (a unit its favourite left unclaimed for a
+  stagger, which delays its start).
+- the listing's share: W1 once more with its 0.25 s poll done by this process (one registry
+  read each) instead of by a fleetctl process each, against a floor of its own: what the
+  fleetctl processes' CPU, competing with the managers for the cores, adds to W1.
 """
 
 from __future__ import annotations
@@ -221,6 +226,20 @@ def start_calls(directory: Path, since: float) -> list[float]:
                                                                    since)
 
 
+def systemd_ran(directory: str, machines: list[str], names: list[str], start: float) -> float:
+    """Seconds from `start` until systemd itself made the last of `names` active, on whichever
+    machine runs it: the units' ActiveEnterTimestampMonotonic, read once afterwards (systemd's
+    monotonic clock is this process's), so the reading adds no load while the units start."""
+    last = 0.0
+    for machine in machines:
+        out = lc(directory, "ssh", machine, "--", "systemctl", "--user", "show", "-p",
+                 "ActiveEnterTimestampMonotonic", "--value", *names)
+        for line in out.split():
+            if line.isdigit() and int(line):
+                last = max(last, int(line) / 1e6)
+    return last - start if last else float("nan")
+
+
 def since(published: PublishedActive, start: float) -> str:
     return "-" if published.reached is None else f"{published.reached - start:.2f} s"
 
@@ -341,10 +360,11 @@ subprocess.run(["umount", str(directory)], check=True)
 """
 
 
-def floor(directory: str, machines: list[str], units: int, mode: str) -> float:
+def floor(directory: str, machines: list[str], units: int, mode: str) -> tuple[float, float]:
     """Seconds to start `units` units directly over D-Bus, split over the machines' managers:
     with the adapter's batch calls ("batched": one LinkUnitFiles, the StartUnit calls sent
-    together, as fleetd does) or one call per unit ("single")."""
+    together, as fleetd does) or one call per unit ("single"); and the seconds until systemd
+    made the last of them active (the rest is the floor's own 0.25 s polling)."""
     worker = Path(directory) / "floor_worker.py"
     worker.write_text(FLOOR_WORKER)
     template = ROOT / "units" / "hello@.service"
@@ -371,19 +391,40 @@ def floor(directory: str, machines: list[str], units: int, mode: str) -> float:
         assert proc.stdout is not None
         proc.stdout.readline()
     took = time.monotonic() - start
+    ran = systemd_ran(directory, machines, [f"floor@{i}.service" for i in range(units)], start)
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write("clean\n")
         proc.stdin.flush()
         proc.wait(120)
-    return took
+    return took, ran
+
+
+def wait_active_in_process(registry: Any, units: int, timeout: float) -> dict[str, int]:
+    """`wait_active`, with the listing read by this process (one registry read every POLL
+    seconds) rather than by a fleetctl process per poll: machine id -> units active there."""
+    deadline = time.monotonic() + timeout
+    due = time.monotonic()
+    while True:
+        loads: dict[str, int] = {}
+        for per in registry.snapshot().states.values():
+            for machine, state in per.items():
+                if state.active == "active":
+                    loads[machine] = loads.get(machine, 0) + 1
+        if sum(loads.values()) >= units:
+            return loads
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {sum(loads.values())} of {units} active after {timeout:.0f} s")
+        due = max(due + POLL, time.monotonic())
+        time.sleep(max(0.0, due - time.monotonic()))
 
 
 def w1_round(
     directory: str, env: dict[str, str], endpoint: str, published: PublishedActive,
-    files: list[str],
+    files: list[str], machines: list[str], in_process: Any = None,
 ) -> float:
-    """W1 once, with where its time went; its seconds."""
+    """W1 once, with where its time went; its seconds. With `in_process` (a registry) the
+    listing is polled by this process instead of by fleetctl processes."""
     n = len(files)
     published.expect(n)
     before = proposals(endpoint)
@@ -392,19 +433,25 @@ def w1_round(
     start = time.monotonic()
     fleetctl(env, "start", "--no-block", *files)
     submitted = time.monotonic() - start
-    loads = wait_active(env, n, 600)
+    if in_process is None:
+        loads = wait_active(env, n, 600)
+    else:
+        loads = wait_active_in_process(in_process, n, 600)
     w1 = time.monotonic() - start
     written = proposals(endpoint) - before
     cpu = fleetd_cpu(directory) - cpu
+    ran = systemd_ran(directory, machines, [Path(f).name for f in files], start)
     claims = log_times(Path(directory), "claimed hello@", wall)
     starts = start_calls(Path(directory), wall)
-    print(f"W1: {n} units all active in {w1:.2f} s; "
+    label = "W1" if in_process is None else "W1, listing read in-process"
+    print(f"{label}: {n} units all active in {w1:.2f} s; "
           f"{written / n:.2f} etcd proposals per placed unit; "
           f"balance max-min {max(loads.values()) - min(loads.values())}; "
           f"{cpu:.2f} CPU-seconds of all fleetd processes")
     if claims and starts:
-        print(f"W1 breakdown: fleetctl submit {submitted:.2f} s; last claim at "
+        print(f"{label} breakdown: fleetctl submit {submitted:.2f} s; last claim at "
               f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "
+              f"systemd made the last unit active at {ran:.2f} s; "
               f"all published active in etcd at {since(published, start)}; "
               f"all seen active by the 0.25 s listing poll at {w1:.2f} s; claims not by "
               f"the machine ranked first: {fallback_claims(Path(directory), wall)}")
@@ -444,25 +491,39 @@ def main() -> None:
         # Rounds of the floor then W1 on the same managers, held against each other pair by
         # pair: the machine's speed drifts between rounds far more than within one. The floor
         # first, on idle managers, as W1 finds them; W1 is held against the batched one, the
-        # calls fleetd itself makes. The last round's units stay for the workloads after it.
+        # calls fleetd itself makes. The units of the last W1 (listing read in-process) stay
+        # for the workloads after it.
+        from fleetd.registry import EtcdRegistry
+
         files = [str(ROOT / "units" / f"hello@{i}.service") for i in range(1, n + 1)]
         published = PublishedActive(endpoint)
         ratios: list[float] = []
         for round in range(1, args.rounds + 1):
             if round == 1:
-                single = floor(directory, machines, n, "single")
-            took = floor(directory, machines, n, "batched")
+                single, _ = floor(directory, machines, n, "single")
+            took, ran = floor(directory, machines, n, "batched")
             print(f"floor{f' (round {round})' if args.rounds > 1 else ''}: {n} units over D-Bus "
                   f"directly, one process per manager: {took:.2f} s with batched calls (one "
-                  f"LinkUnitFiles, the StartUnit calls sent together)"
+                  f"LinkUnitFiles, the StartUnit calls sent together; systemd made the last "
+                  f"active at {ran:.2f} s)"
                   + (f", {single:.2f} s with one call per unit" if round == 1 else ""))
-            ratios.append(w1_round(directory, env, endpoint, published, files) / took)
-            if round < args.rounds:
-                clear(env, n)
+            ratios.append(w1_round(directory, env, endpoint, published, files, machines) / took)
+            clear(env, n)
         if len(ratios) > 1:
             middle = sorted(ratios)[len(ratios) // 2]
             print(f"W1 against the floor of its round, over {len(ratios)} rounds: median "
                   f"{middle:.2f}x ({', '.join(f'{r:.2f}x' for r in ratios)})")
+        # Where the rest goes: once more with the listing read by this process, so the
+        # fleetctl processes the 0.25 s poll starts (some 0.1 CPU-seconds each) no longer
+        # compete with the managers for the two cores while they start the units.
+        took, ran = floor(directory, machines, n, "batched")
+        reader = EtcdRegistry([endpoint], transport="http")
+        try:
+            inproc = w1_round(directory, env, endpoint, published, files, machines, reader)
+        finally:
+            reader.close()
+        print(f"W1 with the listing read in-process: {inproc / took:.2f}x the floor just before "
+              f"it ({took:.2f} s; systemd made the last active at {ran:.2f} s)")
 
         time.sleep(3)
         before = proposals(endpoint)

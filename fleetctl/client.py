@@ -8,14 +8,14 @@ commands a registry of their choosing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import typer
 
 from fleetctl.ssh import SshOptions
-from fleetd.keys import DEFAULT_PREFIX
+from fleetd.keys import DEFAULT_PREFIX, Kind
 from fleetd.model import DesiredState
 from fleetd.snapshot import Snapshot, UnitRecord
 
@@ -26,7 +26,7 @@ DEFAULT_TIMEOUT = 3.0
 class Registry(Protocol):
     """The part of `fleetd.registry.EtcdRegistry` fleetctl uses."""
 
-    def snapshot(self) -> Snapshot: ...
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot: ...
 
     def write_units(
         self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot

@@ -248,11 +248,14 @@ def _unit_row(
 
 
 def _listed_units(snapshot: Snapshot) -> set[str]:
+    """Units with a published state, and units whose desired state asks for them to be loaded
+    or to run (a unit's desired state is written and deleted with its content, so list-units
+    needs no unit texts to know them)."""
     names = set(snapshot.states)
     names.update(
         name
-        for name in snapshot.units
-        if snapshot.desired_state(name).value != "inactive" and not snapshot.states.get(name)
+        for name, desired in snapshot.desired.items()
+        if desired.state.value != "inactive" and not snapshot.states.get(name)
     )
     return names
 

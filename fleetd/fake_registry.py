@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetd.clock import Clock
@@ -165,11 +165,16 @@ class FakeRegistry:
 
     # ---------------------------------------------------------------------------------- reads
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
         self._reachable()
+        # By key prefix, as etcd's ranges read them: a malformed key under a kind's prefix is
+        # read (and refused by `apply`) there too.
+        wanted = None if kinds is None else tuple(self.layout.kind_prefix(k) for k in kinds)
         with self._lock:
             snap = Snapshot(journal=False)  # as the etcd registry reads a whole picture
             for key in sorted(self._data):
+                if wanted is not None and not key.startswith(wanted):
+                    continue
                 v = self._data[key]
                 snap.apply(self.layout, key, v.value, v.mod_revision, v.create_revision)
             snap.revision = self._revision

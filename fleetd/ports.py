@@ -9,14 +9,14 @@ cannot drift (tests/contract/).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from fleetd.model import DesiredState, Machine, PublishedState, SystemdState
 
 if TYPE_CHECKING:
-    from fleetd.keys import KeyLayout
+    from fleetd.keys import KeyLayout, Kind
     from fleetd.placement import Guards
     from fleetd.snapshot import Snapshot, UnitRecord
 
@@ -51,8 +51,9 @@ class Registry(Protocol):
     def close(self) -> None: ...
 
     # reads
-    def snapshot(self) -> Snapshot:
-        """The whole registry, current to one revision."""
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
+        """The whole registry, current to one revision; with `kinds`, only the keys of those
+        kinds (a listing of published states need not read every unit's text)."""
         ...
 
     def watch(self, start_revision: int, callback: WatchCallback) -> Callable[[], None]:

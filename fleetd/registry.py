@@ -21,7 +21,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
@@ -125,6 +125,10 @@ def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
     if chunk:
         yield chunk
 
+
+
+def _value(kind: Kind) -> str:
+    return kind.value
 
 class EtcdRegistry:
     """The registry as the agent and fleetctl see it."""
@@ -281,26 +285,31 @@ class EtcdRegistry:
 
     # ---------------------------------------------------------------------------------- reads
 
-    def snapshot(self) -> Snapshot:
-        """The whole registry, read in pages at one revision, current to that revision."""
-        prefix = self.layout.prefix
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
+        """The whole registry (or the keys of `kinds` only), read in pages at one revision,
+        current to that revision."""
+        if kinds is None:
+            prefixes = [self.layout.prefix]
+        else:
+            prefixes = [self.layout.kind_prefix(kind) for kind in sorted(set(kinds), key=_value)]
 
         def read() -> Snapshot:
             # A fresh picture: nothing to journal until it is complete.
             snap = Snapshot(journal=False)
-            start: str | bytes = prefix
-            end = range_end(prefix)
             revision = 0
             with _no_collection():
-                while True:
-                    # Every page at the first page's revision: one consistent picture.
-                    page = self.transport.range(start, end, SNAPSHOT_PAGE, revision)
-                    revision = revision or page.revision
-                    for key, value, mod_revision, create_revision, _ in page.rows:
-                        snap.apply(self.layout, key.decode(), value, mod_revision, create_revision)
-                    if not page.more or not page.rows:
-                        break
-                    start = page.rows[-1][0] + b"\0"
+                for prefix in prefixes:
+                    start: str | bytes = prefix
+                    end = range_end(prefix)
+                    while True:
+                        # Every page at the first page's revision: one consistent picture.
+                        page = self.transport.range(start, end, SNAPSHOT_PAGE, revision)
+                        revision = revision or page.revision
+                        for key, value, mod, create, _ in page.rows:
+                            snap.apply(self.layout, key.decode(), value, mod, create)
+                        if not page.more or not page.rows:
+                            break
+                        start = page.rows[-1][0] + b"\0"
             snap.revision = revision
             snap.journal = True
             return snap

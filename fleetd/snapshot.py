@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +273,22 @@ class Snapshot:
             states=dict(self.states),
             moves=dict(self.moves),
             refused=dict(self.refused),
+        )
+
+    def only(self, layout: KeyLayout, kinds: Collection[Kind]) -> Snapshot:
+        """The picture a read of only these kinds of keys gives (`Registry.snapshot(kinds)`):
+        the other maps empty, and only the refused keys under these kinds' prefixes."""
+        wanted = set(kinds)
+        prefixes = tuple(layout.kind_prefix(kind) for kind in wanted)
+        return Snapshot(
+            revision=self.revision,
+            units=dict(self.units) if Kind.UNIT in wanted else {},
+            desired=dict(self.desired) if Kind.DESIRED in wanted else {},
+            owners=dict(self.owners) if Kind.OWNER in wanted else {},
+            machines=dict(self.machines) if Kind.MACHINE in wanted else {},
+            states=dict(self.states) if Kind.STATE in wanted else {},
+            moves=dict(self.moves) if Kind.MOVE in wanted else {},
+            refused={k: v for k, v in self.refused.items() if k.startswith(prefixes)},
         )
 
     def desired_state(self, name: str) -> DesiredState:

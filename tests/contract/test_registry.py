@@ -273,6 +273,59 @@ def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> N
     assert snap.units == {} and snap.desired == {}
 
 
+def _put_raw(reg: Registry, key: str, value: bytes) -> None:
+    if isinstance(reg, FakeRegistry):
+        reg.put_raw(key, value)
+    else:
+        assert isinstance(reg, EtcdRegistry)
+        reg.transport.put(key, value)
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        {Kind.MACHINE},
+        {Kind.MACHINE, Kind.STATE, Kind.DESIRED},
+        {Kind.UNIT, Kind.OWNER, Kind.MOVE},
+        set(Kind),
+    ],
+    ids=["machines", "states", "units-owners-moves", "every-kind"],
+)
+def test_a_snapshot_of_some_kinds_is_the_whole_one_restricted_to_them(
+    backend: Backend, kinds: set[Kind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing reads only the kinds it shows: the same picture as a whole read leaves for
+    them, at one revision, refused keys under those kinds' prefixes included, in pages."""
+    import fleetd.registry
+
+    # Pages of three keys: every prefix takes several, each at the first page's revision.
+    monkeypatch.setattr(fleetd.registry, "SNAPSHOT_PAGE", 3)
+    reg = backend.registry
+    lease = backend.join("m1")
+    backend.join("m2")
+    snap = backend.submit(*(f"u{i}.service" for i in range(5)))
+    desired = snap.desired["u1.service"].revision
+    assert reg.claim("u1.service", "m1", lease, snap.revision, desired, NO_GUARDS)
+    reg.publish_states(
+        "m1", lease,
+        {f"u{i}.service": PublishedState("m1", "loaded", "active", "running", "h", 1.0)
+         for i in range(4)},
+    )  # fmt: skip
+    reg.request_move("u1.service", "m2")
+    _put_raw(reg, reg.layout.state("u2.service", ""), b"{}")  # no machine id: refused
+    _put_raw(reg, reg.layout.desired("u9.service"), b"sideways")  # unknown state: refused
+    _put_raw(reg, reg.layout.prefix + "nonsense/x", b"1")  # no known kind: refused
+    whole = reg.snapshot()
+    assert whole.refused and whole.owners and whole.moves and whole.states
+    part = reg.snapshot(kinds)
+    assert part == whole.only(reg.layout, kinds)
+    assert part.revision == whole.revision
+    if Kind.STATE in kinds:
+        assert reg.layout.state("u2.service", "") in part.refused
+    if set(kinds) != set(Kind):
+        assert reg.layout.prefix + "nonsense/x" not in part.refused
+
+
 def test_a_snapshot_is_the_whole_picture_with_an_empty_journal(backend: Backend) -> None:
     """Planners start from a fresh read's whole picture: it journals only what follows."""
     snap = backend.submit("a.service", "b.service")

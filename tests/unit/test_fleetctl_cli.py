@@ -3,7 +3,7 @@ options, the error table, --debug and the version."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ from fleetd.errors import (
     RegistryUnavailable,
     UnitNotFound,
 )
-from fleetd.model import DesiredState, Machine
+from fleetd.keys import KeyLayout, Kind
+from fleetd.model import DesiredState, Machine, PublishedState
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 
 
@@ -28,11 +29,15 @@ class FakeRegistry:
         self.writes: list[tuple[list[UnitRecord], DesiredState | None]] = []
         self.closed = False
         self.options: list[GlobalOptions] = []
+        self.asked: list[frozenset[Kind] | None] = []
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
+        self.asked.append(None if kinds is None else frozenset(kinds))
         if self.fail is not None:
             raise self.fail
-        return self.snap
+        # What etcd would give for a read of only these kinds: a listing that needs more than
+        # it asks for fails here.
+        return self.snap if kinds is None else self.snap.only(KeyLayout(), kinds)
 
     def write_units(
         self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot
@@ -126,6 +131,31 @@ def test_list_machines_through_the_factory(fake: FakeRegistry) -> None:
     fake.snap.machines = {"f" * 32: Machine("f" * 32, "10.0.0.3", {"b": "2", "a": "1"})}
     result = run("list-machines", "--no-legend")
     assert result.stdout == "ffffffff...\t10.0.0.3\ta=1,b=2\n"
+
+
+def test_listings_read_only_the_kinds_they_show(fake: FakeRegistry) -> None:
+    """list-units needs no unit texts or owners (half of a large registry): a unit that should
+    run and has published nothing yet is known by its desired state alone."""
+    me = "a" * 32
+    fake.snap.machines = {me: Machine(me, "10.0.0.1")}
+    for name, desired in (("up.service", DesiredState.LAUNCHED),
+                          ("soon.service", DesiredState.LAUNCHED),
+                          ("off.service", DesiredState.INACTIVE)):  # fmt: skip
+        fake.snap.units[name] = UnitRecord(name, "[Service]\nExecStart=/bin/true\n", "h")
+        fake.snap.desired[name] = Desired(desired)
+    fake.snap.states["up.service"] = {
+        me: PublishedState(me, "loaded", "active", "running", "h", 1.0)
+    }
+    result = run("list-units", "--no-legend")
+    assert [line.split() for line in result.stdout.splitlines()] == [
+        ["soon.service", "-", "-", "-"],
+        ["up.service", "aaaaaaaa.../10.0.0.1", "active", "running"],
+    ]
+    assert fake.asked == [frozenset({Kind.MACHINE, Kind.STATE, Kind.DESIRED})]
+    run("list-machines", "--no-legend")
+    assert fake.asked[-1] == frozenset({Kind.MACHINE})
+    run("list-unit-files", "--no-legend")
+    assert fake.asked[-1] is None
 
 
 @pytest.mark.parametrize(

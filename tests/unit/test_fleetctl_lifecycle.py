@@ -3,6 +3,7 @@ state, and the one-line reason when it has not."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from fleetd.errors import (
     Temporary,
     UnitNotFound,
 )
+from fleetd.keys import KeyLayout, Kind
 from fleetd.model import DesiredState, Machine, Owner, PublishedState
 from fleetd.snapshot import Desired, Snapshot, UnitRecord
 from fleetd.unitfile import content_hash, parse_unit_name
@@ -272,9 +274,9 @@ class Polled:
         self.snap = snapshot
         self.polls = 0
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
         self.polls += 1
-        return self.snap
+        return self.snap if kinds is None else self.snap.only(KeyLayout(), kinds)
 
     def write_units(self, records: object, desired: object, seen: object) -> bool:
         return False

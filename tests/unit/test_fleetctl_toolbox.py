@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from fleetctl.client import GlobalOptions
 from fleetctl.commands import lifecycle
 from fleetd.config import load_config
 from fleetd.errors import AuthError, ConfigError, PermissionDenied, UnitTooLarge
+from fleetd.keys import KeyLayout, Kind
 from fleetd.model import DesiredState, Machine, Owner, PublishedState
 from fleetd.snapshot import (
     MAX_UNIT_VALUE_BYTES,
@@ -72,8 +73,8 @@ class FakeRegistry:
         self.writes: list[list[UnitRecord]] = []
         self.age_reads = 0
 
-    def snapshot(self) -> Snapshot:
-        return self.snap
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
+        return self.snap if kinds is None else self.snap.only(KeyLayout(), kinds)
 
     def write_units(
         self, records: Iterable[UnitRecord], desired: DesiredState | None, seen: Snapshot
@@ -296,7 +297,7 @@ class Polls:
         self.names = names
         self.polls = 0
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
         snap = Snapshot()
         snap.machines = {A: Machine(A, "10.0.0.1", {}, "", "core-01")}
         for i, name in enumerate(self.names):
@@ -308,7 +309,7 @@ class Polls:
                     A: PublishedState(A, "loaded", "active", "running", content_hash(HELLO), 1.0)
                 }
         self.polls += 1
-        return snap
+        return snap if kinds is None else snap.only(KeyLayout(), kinds)
 
 
 class Terminal(io.StringIO):

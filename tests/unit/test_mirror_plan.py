@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Collection
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from fleetd.agent.mirror import Mirror
 from fleetd.errors import RegistryUnavailable
 from fleetd.fake_registry import FakeRegistry
+from fleetd.keys import Kind
 from fleetd.model import DesiredState, Machine
 from fleetd.placement import claim_guards, plan_placements
 from fleetd.planner import BID_DEPTH
@@ -127,9 +129,9 @@ class CountingRegistry(FakeRegistry):
         super().__init__()
         self.reads = 0
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, kinds: Collection[Kind] | None = None) -> Snapshot:
         self.reads += 1
-        return super().snapshot()
+        return super().snapshot(kinds)
 
 
 def test_agents_joining_together_share_one_read_but_never_an_older_one() -> None:

@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -164,12 +165,19 @@ def active_by_machine(env: dict[str, str], skip: str = "") -> dict[str, int]:
 
 
 def wait_active(env: dict[str, str], units: int, timeout: float, skip: str = "") -> dict[str, int]:
-    """Poll `list-units` every POLL seconds: a poll starts every POLL seconds (the next at once
-    when one took longer), rather than POLL seconds after the last one ended."""
+    """Poll `list-units` every POLL seconds until `units` are active; machine address -> units
+    active there."""
+    return poll_until(lambda: active_by_machine(env, skip), units, timeout)
+
+
+def poll_until(read: Callable[[], dict[str, int]], units: int, timeout: float) -> dict[str, int]:
+    """Call `read` (where -> units active there) until it counts `units`: a poll starts every
+    POLL seconds (the next at once when one took longer), rather than POLL seconds after the
+    last one ended."""
     deadline = time.monotonic() + timeout
     due = time.monotonic()
     while True:
-        loads = active_by_machine(env, skip)
+        loads = read()
         if sum(loads.values()) >= units:
             return loads
         if time.monotonic() > deadline:
@@ -402,23 +410,15 @@ def floor(directory: str, machines: list[str], units: int, mode: str) -> tuple[f
     return took, ran
 
 
-def wait_active_in_process(registry: Any, units: int, timeout: float) -> dict[str, int]:
-    """`wait_active`, with the listing read by this process (one registry read every POLL
-    seconds) rather than by a fleetctl process per poll: machine id -> units active there."""
-    deadline = time.monotonic() + timeout
-    due = time.monotonic()
-    while True:
-        loads: dict[str, int] = {}
-        for per in registry.snapshot().states.values():
-            for machine, state in per.items():
-                if state.active == "active":
-                    loads[machine] = loads.get(machine, 0) + 1
-        if sum(loads.values()) >= units:
-            return loads
-        if time.monotonic() > deadline:
-            raise SystemExit(f"only {sum(loads.values())} of {units} active after {timeout:.0f} s")
-        due = max(due + POLL, time.monotonic())
-        time.sleep(max(0.0, due - time.monotonic()))
+def active_in_registry(registry: Any) -> dict[str, int]:
+    """The listing read by this process (one registry read) rather than by a fleetctl process:
+    machine id -> units active there."""
+    loads: dict[str, int] = {}
+    for per in registry.snapshot().states.values():
+        for machine, state in per.items():
+            if state.active == "active":
+                loads[machine] = loads.get(machine, 0) + 1
+    return loads
 
 
 def w1_round(
@@ -438,7 +438,7 @@ def w1_round(
     if in_process is None:
         loads = wait_active(env, n, 600)
     else:
-        loads = wait_active_in_process(in_process, n, 600)
+        loads = poll_until(lambda: active_in_registry(in_process), n, 600)
     w1 = time.monotonic() - start
     written = proposals(endpoint) - before
     cpu = fleetd_cpu(directory) - cpu

@@ -126,10 +126,6 @@ def _batches(groups: list[_Group]) -> Iterator[list[_Group]]:
         yield chunk
 
 
-
-def _value(kind: Kind) -> str:
-    return kind.value
-
 class EtcdRegistry:
     """The registry as the agent and fleetctl see it."""
 
@@ -291,7 +287,8 @@ class EtcdRegistry:
         if kinds is None:
             prefixes = [self.layout.prefix]
         else:
-            prefixes = [self.layout.kind_prefix(kind) for kind in sorted(set(kinds), key=_value)]
+            ordered = sorted(set(kinds), key=lambda kind: kind.value)
+            prefixes = [self.layout.kind_prefix(kind) for kind in ordered]
 
         def read() -> Snapshot:
             # A fresh picture: nothing to journal until it is complete.

@@ -133,7 +133,7 @@ def test_list_machines_through_the_factory(fake: FakeRegistry) -> None:
     assert result.stdout == "ffffffff...\t10.0.0.3\ta=1,b=2\n"
 
 
-def test_listings_read_only_the_kinds_they_show(fake: FakeRegistry) -> None:
+def test_listings_and_cat_read_only_the_kinds_they_show(fake: FakeRegistry) -> None:
     """list-units needs no unit texts or owners (half of a large registry): a unit that should
     run and has published nothing yet is known by its desired state alone."""
     me = "a" * 32
@@ -156,6 +156,9 @@ def test_listings_read_only_the_kinds_they_show(fake: FakeRegistry) -> None:
     assert fake.asked[-1] == frozenset({Kind.MACHINE})
     run("list-unit-files", "--no-legend")
     assert fake.asked[-1] is None
+    result = run("cat", "soon.service")
+    assert result.stdout == "[Service]\nExecStart=/bin/true\n"
+    assert fake.asked[-1] == frozenset({Kind.UNIT})
 
 
 @pytest.mark.parametrize(

@@ -259,26 +259,21 @@ def test_move_requests_are_stored_and_cleared(backend: Backend) -> None:
     assert reg.snapshot().moves == {}
 
 
-def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> None:
-    reg = backend.registry
-    if isinstance(reg, FakeRegistry):
-        reg.put_raw(reg.layout.unit(".x.service"), b"{}")
-        reg.put_raw(reg.layout.desired("a.service"), b"\xff\xfe")
-    else:
-        assert isinstance(reg, EtcdRegistry)
-        reg.transport.put(reg.layout.unit(".x.service"), b"{}")
-        reg.transport.put(reg.layout.desired("a.service"), b"\xff\xfe")
-    snap = reg.snapshot()
-    assert set(snap.refused) == {reg.layout.unit(".x.service"), reg.layout.desired("a.service")}
-    assert snap.units == {} and snap.desired == {}
-
-
 def _put_raw(reg: Registry, key: str, value: bytes) -> None:
     if isinstance(reg, FakeRegistry):
         reg.put_raw(key, value)
     else:
         assert isinstance(reg, EtcdRegistry)
         reg.transport.put(key, value)
+
+
+def test_snapshot_refuses_foreign_entries_with_the_reason(backend: Backend) -> None:
+    reg = backend.registry
+    _put_raw(reg, reg.layout.unit(".x.service"), b"{}")
+    _put_raw(reg, reg.layout.desired("a.service"), b"\xff\xfe")
+    snap = reg.snapshot()
+    assert set(snap.refused) == {reg.layout.unit(".x.service"), reg.layout.desired("a.service")}
+    assert snap.units == {} and snap.desired == {}
 
 
 @pytest.mark.parametrize(

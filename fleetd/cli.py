@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -21,6 +20,7 @@ from fleetd import __version__
 from fleetd.config import Config, config_flags, load_config, reload_metadata
 from fleetd.errors import FleetError
 from fleetd.runlock import hold_runtime_lock
+from fleetd.signals import serve
 
 if TYPE_CHECKING:
     from fleetd.agent import Agent
@@ -150,28 +150,26 @@ def run(
 
     from fleetd.agent import ExitMode
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        agent.stop(mode=ExitMode.DRAIN)
-
-    def on_usr2(signum: int, frame: FrameType | None) -> None:
-        agent.stop(mode=ExitMode.RESTART)
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        # Reloading reads files: do it off the signal handler.
-        def reload() -> None:
+    def reload() -> None:
+        # Reloading reads files: not on the thread that takes the signals.
+        def read() -> None:
             try:
                 agent.update_config(reload_metadata(agent.config, config_path, os.environ))
             except FleetError as exc:
                 logging.getLogger("fleetd").error("reload failed, keeping the old config: %s", exc)
 
-        threading.Thread(target=reload, name="reload", daemon=True).start()
+        threading.Thread(target=read, name="reload", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
-    signal.signal(signal.SIGUSR2, on_usr2)
     try:
-        agent.run()
+        serve(
+            agent.run,
+            {
+                signal.SIGTERM: lambda: agent.stop(mode=ExitMode.DRAIN),
+                signal.SIGINT: lambda: agent.stop(mode=ExitMode.DRAIN),
+                signal.SIGUSR2: lambda: agent.stop(mode=ExitMode.RESTART),
+                signal.SIGHUP: reload,
+            },
+        )
     finally:
         run_lock.close()
 

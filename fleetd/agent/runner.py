@@ -148,7 +148,8 @@ class Agent:
         stopped, and released once stopped, by the next rounds."""
         self.config = config
         view = self.keeper.view()
-        if view.registered and view.lease_id is not None:
+        # Once shutting down, the lease is about to be (or has been) given back.
+        if view.registered and view.lease_id is not None and not self._stopping.is_set():
             try:
                 self.registry.update_machine(self.machine(), view.lease_id)
             except RegistryUnavailable as exc:

@@ -4,6 +4,8 @@ cut, a duplicate agent, replacing content, bad input and the listings' columns."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -138,6 +140,44 @@ def test_halt_moves_only_that_machines_units(fleet: Cluster) -> None:
     for unit in leaving:
         assert after[unit] != [victim]
         assert fleet.is_active_on(victim, unit) != "active"
+
+
+def test_a_burst_of_signals_still_drains_fleetd(fleet: Cluster) -> None:
+    # Every kind of signal fleetd takes, thousands of them over a second, so that many arrive
+    # while the one before is still being acted on: fleetd must serve them and drain, not wedge
+    # with its lease still renewed (a handler once waited there on a lock its own thread held).
+    fleet.fleetctl("start", *instances(6))
+    before = {u: m[0] for u, m in fleet.wait_running(names(6)).items()}
+    victim = before["hello@1.service"]
+    machine_dir = fleet.dir / "m" / victim
+    pid = int(json.loads((machine_dir / "fleetd.json").read_text())["pid"])
+    kinds = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    end = time.monotonic() + 1.0
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < end:
+            for sig in kinds:
+                os.kill(pid, sig)
+                time.sleep(0)
+
+    def gone() -> bool:
+        try:
+            return str(machine_dir / "fleet.toml") not in Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            return True
+
+    wait_until(gone, 20, f"fleetd of {victim} exited")
+    log = (machine_dir / "fleetd.log").read_text()
+    assert "shutting down: stopping units and leaving the cluster" in log
+    assert any(line.endswith(": stopped") for line in log.splitlines()), log[-2000:]
+
+    def moved() -> dict[str, list[str]] | None:
+        running = fleet.running()
+        done = all(u in running and victim not in running[u] for u in before)
+        return running if done else None
+
+    after = wait_until(moved, 10, "the drained machine's units running elsewhere")
+    staying = {u: m for u, m in before.items() if m != victim}
+    assert {u: after[u][0] for u in staying} == staying
 
 
 def test_killed_machines_units_move_after_ttl(fleet: Cluster) -> None:

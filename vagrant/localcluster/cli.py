@@ -1117,7 +1117,11 @@ def destroy(dir: Path, state: ClusterState | None) -> list[str]:
                 os.kill(pid, signal.SIGTERM)
     for machine in machines:
         if not machine.stop_fleetd(timeout=30):
-            problems.append(f"{machine.name}: fleetd ignored SIGTERM and was killed")
+            # The log goes with the cluster's directory: what it said last goes with the news.
+            problems.append(
+                f"{machine.name}: fleetd ignored SIGTERM and was killed; its log ended:\n"
+                f"{machine.log_tail(40)}"
+            )
     for machine_dir in [m.dir for m in machines] + orphans:
         try:
             handle = ManagerHandle.load(machine_dir)

@@ -34,7 +34,9 @@ def _noted(signum: int, frame: FrameType | None) -> None:
 def serve(run: Callable[[], None], actions: Mapping[int, Callable[[], None]]) -> None:
     """Run `run` on a worker thread; on the main thread (the caller's, which must be the main
     one) call `actions[sig]` when `sig` arrives, until `run` returns. Whatever `run` raised is
-    raised here. Signals pending when `run` ends are not acted on.
+    raised here. Signals pending when `run` ends, or coming later, are ignored: the agent has
+    done what they would ask, and a SIGTERM after a drain must not turn a clean exit into death
+    by signal.
 
     Signals read together are acted on once each, in the order of their last arrival: a flood
     of SIGHUPs is one reload, and a SIGTERM among them is never lost behind the others."""
@@ -54,7 +56,8 @@ def serve(run: Callable[[], None], actions: Mapping[int, Callable[[], None]]) ->
             with contextlib.suppress(OSError):
                 os.write(wake_w, bytes([_DONE]))
 
-    previous = {sig: signal.signal(sig, _noted) for sig in actions}
+    for sig in actions:
+        signal.signal(sig, _noted)
     previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     worker = threading.Thread(target=body, name="agent")
     try:
@@ -78,9 +81,8 @@ def serve(run: Callable[[], None], actions: Mapping[int, Callable[[], None]]) ->
                     action()
         worker.join()
     finally:
+        # The handlers stay: without the wakeup fd they do nothing at all.
         signal.set_wakeup_fd(previous_fd)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
     if failure:

@@ -139,7 +139,7 @@ def test_a_flood_of_one_signal_is_acted_on_in_batches_and_a_stop_behind_it_is_no
     assert 1 <= int(proc.stdout) < 1000
 
 
-def test_the_agent_ending_by_itself_ends_the_wait_and_its_error_is_raised_on_the_caller() -> None:
+def test_the_agent_ending_ends_the_wait_its_error_is_raised_and_later_signals_are_ignored() -> None:
     proc = run_case("""
         def agent():
             time.sleep(0.1)
@@ -149,8 +149,13 @@ def test_the_agent_ending_by_itself_ends_the_wait_and_its_error_is_raised_on_the
             serve(agent, {signal.SIGTERM: lambda: None})
         except RuntimeError as exc:
             print(f"raised: {exc}; main: {threading.current_thread() is threading.main_thread()}")
-        # The handlers are back as they were: SIGTERM ends the process again.
-        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.set_wakeup_fd(-1))
+        # A SIGTERM after the agent ended is ignored: the process ends as it was going to.
+        send(signal.SIGTERM)
+        time.sleep(0.1)
+        print("still here; wakeup fd", signal.set_wakeup_fd(-1))
     """)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["raised: the agent broke; main: True", "True -1"]
+    assert proc.stdout.splitlines() == [
+        "raised: the agent broke; main: True",
+        "still here; wakeup fd -1",
+    ]

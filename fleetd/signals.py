@@ -13,12 +13,15 @@ through the wakeup file descriptor, and the action runs there, in plain code, ho
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
 import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
+
+log = logging.getLogger("fleetd")
 
 # Written by the agent's thread when it ends; signal numbers start at 1.
 _DONE = 0
@@ -77,8 +80,14 @@ def serve(run: Callable[[], None], actions: Mapping[int, Callable[[], None]]) ->
                 batch[number] = None
             for number in batch:
                 action = actions.get(number)
-                if action is not None:
+                if action is None:
+                    continue
+                try:
                     action()
+                except Exception:
+                    # Leaving here would leave the agent running with nobody to take a
+                    # SIGTERM: say it and keep serving.
+                    log.exception("acting on signal %s failed", signal.Signals(number).name)
         worker.join()
     finally:
         # The handlers stay: without the wakeup fd they do nothing at all.

@@ -60,18 +60,23 @@ def test_a_signal_arriving_while_the_agent_holds_the_lock_its_action_takes_is_se
     assert proc.stdout.strip() == "[True, True]"
 
 
-def test_each_signal_runs_its_own_action_in_order_of_arrival() -> None:
+def test_each_signal_runs_its_own_action_in_order_of_arrival_even_after_one_failed() -> None:
     proc = run_case("""
         seen = []
         done = threading.Event()
 
         def agent():
-            for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):
+            kinds = (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)
+            for sig in kinds:
                 send(sig)
                 time.sleep(0.05)
             done.wait(10)
 
+        def broken():
+            raise ValueError("an action that fails")
+
         actions = {
+            signal.SIGUSR1: broken,
             signal.SIGHUP: lambda: seen.append("hup"),
             signal.SIGUSR2: lambda: seen.append("usr2"),
             signal.SIGINT: lambda: (seen.append("int"), done.set()),
@@ -80,7 +85,9 @@ def test_each_signal_runs_its_own_action_in_order_of_arrival() -> None:
         print(" ".join(seen))
     """)
     assert proc.returncode == 0, proc.stderr
+    # An action that fails is logged, and the signals after it are still served.
     assert proc.stdout.strip() == "hup usr2 hup int"
+    assert "acting on signal SIGUSR1 failed" in proc.stderr
 
 
 def test_a_storm_of_signals_neither_kills_nor_wedges_the_process() -> None:

@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +97,8 @@ class Ssh:
             raise SshError("ssh is not installed: install OpenSSH's client (openssh-client)")
         self._stdin = stdin
         self._stderr = stderr
+        import tempfile  # here: only a command that reaches a machine needs it (and `random`)
+
         self._tmp = Path(tempfile.mkdtemp(prefix="fleetctl-ssh-"))
         self._trusted: set[tuple[str, int]] = set()
 

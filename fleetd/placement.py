@@ -18,7 +18,6 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -598,6 +597,8 @@ RING = 1 << 64
 @functools.lru_cache(maxsize=1 << 16)
 def ring_position(name: str) -> int:
     """Where a unit or machine sits on the tiebreak ring (a hash: the same on every agent)."""
+    import hashlib  # on first use: loading OpenSSL is a cost every fleetctl listing would pay
+
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import hashlib
 import re
 import shlex
 from collections.abc import Iterable
@@ -218,6 +217,8 @@ class UnitFile:
 
 
 def content_hash(text: str) -> str:
+    import hashlib  # on first use: loading OpenSSL is a cost every fleetctl listing would pay
+
     return hashlib.sha1(text.encode()).hexdigest()
 
 

@@ -71,7 +71,57 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRegistry:
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main.app, list(args), env=env)
+    # The app `fleetctl ARGS` runs with, as the console script picks it.
+    return CliRunner().invoke(main.app_for(args), list(args), env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        ([], None),
+        (["list-units"], "list-units"),
+        (["list-units", "--no-legend"], "list-units"),
+        (["--endpoint", "http://10.0.0.1:2379", "cat", "a.service"], "cat"),
+        (["--endpoint=http://10.0.0.1:2379", "status", "a.service"], "status"),
+        (["--request-timeout", "2", "--debug", "start", "a.service"], "start"),
+        # A value that looks like a command is still the option's value.
+        (["--tunnel", "status", "list-machines"], "list-machines"),
+        (["--debug"], None),
+        (["-h"], None),
+        (["--", "ssh", "m1"], "ssh"),
+        (["--endpoint"], None),
+    ],
+)
+def test_the_command_a_line_names(args: list[str], word: str | None) -> None:
+    assert main.command_word(args) == word
+
+
+def test_one_command_is_built_for_a_command_line_that_names_it() -> None:
+    names = [str(info.name) for info in main.app.registered_commands]
+    assert len(names) > 10
+    for name in names:
+        lean = main.app_for(["--debug", name, "x"])
+        built = [info.name for info in lean.registered_commands]
+        assert built == (names if name == "help" else [name]), name
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["nosuch"], ["help", "start"], ["lis"]])
+def test_the_whole_cli_for_lines_that_need_every_command(args: list[str]) -> None:
+    assert main.app_for(args) is main.app
+
+
+def test_completion_always_gets_the_whole_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("_FLEETCTL_COMPLETE", "complete_bash")
+    assert main.app_for(["list-units"]) is main.app
+
+
+def test_a_command_built_alone_shows_and_takes_what_it_does_in_the_whole_cli() -> None:
+    for info in main.app.registered_commands:
+        assert info.name is not None
+        args = ["--endpoint", "http://127.0.0.1:1", info.name, "--help"]
+        alone = CliRunner().invoke(main.app_for(args), args)
+        whole = CliRunner().invoke(main.app, args)
+        assert (alone.exit_code, alone.stdout) == (whole.exit_code, whole.stdout), info.name
 
 
 def test_version() -> None:

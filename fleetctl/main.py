@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+from typer.models import CommandInfo
 
 from fleetctl import completion, output
 from fleetctl.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, GlobalOptions
@@ -273,11 +274,9 @@ def command_word(args: Sequence[str]) -> str | None:
     """The command a fleetctl command line names: its first word that is neither a global option
     nor the value of one (None when it names none). Which options take a value is read from the
     root's own parameters, so the two cannot disagree."""
-    root_only = _new_app()
-    root_only.registered_callback = app.registered_callback
     takes_value = {
         name
-        for param in typer.main.get_command(root_only).params
+        for param in typer.main.get_command(_root_with([])).params
         if param.param_type_name == "option" and not getattr(param, "is_flag", False)
         for name in (*param.opts, *param.secondary_opts)
     }
@@ -306,10 +305,15 @@ def app_for(args: Sequence[str]) -> typer.Typer:
     found = [info for info in app.registered_commands if info.name == name]
     if name == "help" or len(found) != 1:
         return app
-    lean = _new_app()
-    lean.registered_callback = app.registered_callback
-    lean.registered_commands = found
-    return lean
+    return _root_with(found)
+
+
+def _root_with(commands: list[CommandInfo]) -> typer.Typer:
+    """The root (its callback, so its global options) holding only these commands."""
+    root = _new_app()
+    root.registered_callback = app.registered_callback
+    root.registered_commands = commands
+    return root
 
 
 def main() -> None:

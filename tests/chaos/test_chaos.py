@@ -142,9 +142,9 @@ def test_chaos(fleet: Cluster, unit_dir: Path) -> None:  # noqa: F811
 def unsettled(where: dict[str, str], units: Iterable[str]) -> list[str]:
     """What keeps the final placement from being settled: units not running, rules broken."""
     missing = sorted(set(units) - set(where))
-    broken = [f"not running: {', '.join(missing)}"] if missing else []
     if missing:
-        return broken
+        return [f"not running: {', '.join(missing)}"]
+    broken: list[str] = []
     if where["app.service"] != where["db.service"]:
         broken.append(f"MachineOf: app on {where['app.service']}, db on {where['db.service']}")
     for group in ("web", "worker"):

@@ -89,8 +89,12 @@ def refuse_template(name: UnitName) -> None:
         )
 
 
-def read_local(arg: str, activating: bool) -> LocalUnit:
-    """Name the unit an argument stands for and read its file (or its template's) if present."""
+def read_local(
+    arg: str, activating: bool, templates: dict[Path, str | None] | None = None
+) -> LocalUnit:
+    """Name the unit an argument stands for and read its file (or its template's) if present.
+    `templates` keeps the template files read so far: `start hello@{1..1000}.service` reads
+    hello@.service once."""
     name = parse_unit_name(default_unit_name(arg))
     if activating:
         refuse_template(name)
@@ -101,7 +105,12 @@ def read_local(arg: str, activating: bool) -> LocalUnit:
     template_text: str | None = None
     if text is None and name.is_instance and name.template:
         template_path = folder / name.template
-        template_text = _read_unit_file(template_path)
+        if templates is None:
+            template_text = _read_unit_file(template_path)
+        else:
+            if template_path not in templates:
+                templates[template_path] = _read_unit_file(template_path)
+            template_text = templates[template_path]
     return LocalUnit(arg, name, path, text, template_path, template_text)
 
 
@@ -109,8 +118,9 @@ def read_arguments(args: Iterable[str], activating: bool) -> list[LocalUnit]:
     """Every argument read and named, duplicates of a unit dropped (the first one counts)."""
     seen: set[str] = set()
     units = []
+    templates: dict[Path, str | None] = {}
     for arg in args:
-        unit = read_local(arg, activating)
+        unit = read_local(arg, activating, templates)
         if unit.name.name not in seen:
             seen.add(unit.name.name)
             units.append(unit)
@@ -118,12 +128,12 @@ def read_arguments(args: Iterable[str], activating: bool) -> list[LocalUnit]:
 
 
 def unit_names(args: Iterable[str]) -> list[str]:
-    names: list[str] = []
+    # A dict keeps the first of each name, in order (a list's `in` would make 10,000 names
+    # cost 50 million comparisons).
+    names: dict[str, None] = {}
     for arg in args:
-        name = parse_unit_name(default_unit_name(arg)).name
-        if name not in names:
-            names.append(name)
-    return names
+        names.setdefault(parse_unit_name(default_unit_name(arg)).name)
+    return list(names)
 
 
 # ----------------------------------------------------------------------------------- plans

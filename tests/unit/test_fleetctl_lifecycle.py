@@ -144,6 +144,28 @@ def test_read_local_names_and_refuses(tmp_path: Path) -> None:
         read_local("bad$name.service", activating=False)
 
 
+def test_many_instances_read_their_template_once_and_their_own_files_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "web@.service").write_text(V1)
+    (tmp_path / "web@2.service").write_text(V2)  # an instance's own file wins over the template
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "web@.service").write_text(V2)  # another folder, another template
+    reads: list[Path] = []
+    real = lifecycle._read_unit_file
+    monkeypatch.setattr(lifecycle, "_read_unit_file", lambda p: reads.append(p) or real(p))
+    args = [str(tmp_path / f"web@{i}.service") for i in range(1, 6)]
+    args += [str(tmp_path / "other" / "web@9.service"), str(tmp_path / "web@1.service")]
+    units = lifecycle.read_arguments(args, activating=True)
+    assert [u.name.name for u in units] == [f"web@{i}.service" for i in (1, 2, 3, 4, 5, 9)]
+    assert [(u.text, u.template_text) for u in units] == [
+        (None, V1), (V2, None), (None, V1), (None, V1), (None, V1), (None, V2)
+    ]
+    templates = [p for p in reads if p.name == "web@.service"]
+    assert sorted(templates) == [tmp_path / "other" / "web@.service", tmp_path / "web@.service"]
+    assert lifecycle.unit_names(["b", "a.service", "b.service", "a"]) == ["b.service", "a.service"]
+
+
 def state(machine: str, active: str, text: str = V1, load: str = "loaded") -> PublishedState:
     return PublishedState(
         machine, load, active, "running" if active == "active" else "dead", content_hash(text), 1.0

@@ -72,8 +72,11 @@ MAX_TXN_OPS = 120
 
 # A write of more units than one transaction holds sends its parts this many at a time, each on
 # a connection of its own: etcd commits transactions that arrive together with one disk sync,
-# where one after another each waits for its own (some 15 ms apiece here).
-WRITE_WIDTH = 4
+# where one after another each waits for its own (some 15 ms apiece here). And the agents see
+# the parts land together: parts 15 ms apart could be planned apart, and an agent that claimed
+# the first ones claims the rest only after it has started those (a second or so later).
+# Eight parts: 480 units.
+WRITE_WIDTH = 8
 
 # The whole registry is read in pages of this many keys, all at one revision: one answer for
 # 10,000 units (about 6 MB of protobuf) would be held whole beside the picture built from it and

@@ -43,19 +43,6 @@ from fleetd.sdnotify import Notifier
 log = logging.getLogger("fleetd")
 
 
-def settle_burst(
-    next_wake: Callable[[float], bool], now: Clock, quiet: float, longest: float
-) -> None:
-    """After a wake, wait for the burst it began to land: until no wake came for `quiet`
-    seconds, and no longer than `longest` after the first. `next_wake(timeout)` waits for the
-    next wake and says whether one came. A submission's transactions, sent together, land
-    within a few milliseconds: planning follows them that much later, not a fixed `longest`;
-    events that keep coming (units stopping one by one) still get a round every `longest`."""
-    deadline = now() + longest
-    while (left := deadline - now()) > 0 and next_wake(min(quiet, left)):
-        pass
-
-
 class ExitMode(enum.Enum):
     DRAIN = "drain"
     RESTART = "restart"
@@ -69,9 +56,7 @@ def guard_unit_name(machine_id: str) -> str:
 class Agent:
     """One machine. `run()` blocks until `stop()`."""
 
-    # Seconds of quiet that end a burst of watch events, and the most a round waits for one.
-    QUIET = 0.015
-    COALESCE = 0.05
+    COALESCE = 0.05  # seconds to let a burst of watch events land before planning
 
     def __init__(
         self,
@@ -282,14 +267,9 @@ class Agent:
                 timeout = max(0.01, min(timeout, next_wake - self.clock()))
             if self._wake.wait(timeout):
                 # Events come in bursts (a batch of claims, a machine's units vanishing at
-                # once): let the burst land and plan once for all of it. Real time, as the
-                # events' arrival is: a fake clock would never end a burst.
-                settle_burst(self._next_wake, time.monotonic, self.QUIET, self.COALESCE)
+                # once): let the burst land and plan once for all of it.
+                self._stopping.wait(self.COALESCE)
             self._wake.clear()
-
-    def _next_wake(self, timeout: float) -> bool:
-        self._wake.clear()
-        return self._wake.wait(timeout) and not self._stopping.is_set()
 
     def _joined(self, view: LeaseView) -> None:
         """A new lease (first join, or again after losing one): read everything afresh. Runs

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.mirror import Mirror
 from fleetd.agent.reconcile import CLAIM_SETTLE
-from fleetd.agent.runner import settle_burst
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
 from fleetd.fake_systemd import FakeUnitManager
@@ -199,16 +198,12 @@ class HollowHost:
             log.exception("hollow %s: lease step failed", hollow.name)
             hollow.lease_due = now + 0.5
 
-    def _next_change(self, timeout: float) -> bool:
-        self._changed.clear()
-        return self._changed.wait(timeout) and not self._stopping.is_set()
-
     def _step_loop(self) -> None:
         while not self._stopping.is_set():
             changed = self._changed.wait(0.25)
             if changed:
                 # Let a burst of events land, as the agent's own loop does.
-                settle_burst(self._next_change, time.monotonic, Agent.QUIET, Agent.COALESCE)
+                self._stopping.wait(Agent.COALESCE)
                 self._changed.clear()
             self._catch_up()
             now = time.monotonic()

@@ -1,7 +1,8 @@
 """etcd over its JSON gateway (POST /v3/..., the same API as gRPC, keys and values in base64):
 fleetctl's transport. It needs only the standard library, so a fleetctl command starts without
 loading gRPC and the etcd client's protobuf code (about 45 ms of CPU on every invocation, most of
-a `list-units`); the agent keeps gRPC for its long-lived streams.
+a `list-units`); the agent keeps gRPC for its long-lived streams. Its HTTP/1.1 is `fleetd.http1`,
+which loads no `email` and, for an http endpoint, no `ssl`.
 
 Each thread keeps one connection per endpoint alive between requests. A connection error marks
 the endpoint failed for a second (as the gRPC client does) after one fresh retry, since a kept
@@ -12,15 +13,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import logging
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fleetd.errors import ConfigError
@@ -36,8 +36,12 @@ from fleetd.etcd_kv import (
     Unreachable,
     WatchHandler,
 )
+from fleetd.http1 import Connection
 from fleetd.keys import range_end
 from fleetd.ports import WatchEvent
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,9 @@ def _op(op: Op) -> dict[str, Any]:
 
 
 def _unreachable(exc: BaseException) -> Unreachable:
-    if isinstance(exc, ssl.SSLError):
+    # ssl is loaded only for https endpoints: without it, exc is no SSLError.
+    tls = sys.modules.get("ssl")
+    if tls is not None and isinstance(exc, tls.SSLError):
         return Unreachable(f"the TLS handshake failed ({exc.reason or exc})")
     if isinstance(exc, TimeoutError | socket.timeout):
         return Unreachable("request timed out")
@@ -123,9 +129,11 @@ class HttpTransport:
             secure = parts.scheme == "https"
             self._targets.append((secure, parts.hostname or "", parts.port or 2379))
         self._tls: ssl.SSLContext | None = None
-        if ca_file:
+        if ca_file or any(secure for secure, _, _ in self._targets):
+            import ssl  # OpenSSL: only for https, which most fleetctl runs do not use
+
             try:
-                self._tls = ssl.create_default_context(cafile=ca_file)
+                self._tls = ssl.create_default_context(cafile=ca_file or None)
                 if cert_file:
                     self._tls.load_cert_chain(cert_file, key_file)
             except FileNotFoundError as exc:
@@ -137,8 +145,8 @@ class HttpTransport:
         self._current = 0
         self._failed_until: dict[int, float] = {}
         self._local = threading.local()
-        self._open: list[http.client.HTTPConnection] = []
-        self._streams: set[http.client.HTTPConnection] = set()
+        self._open: list[Connection] = []
+        self._streams: set[Connection] = set()
 
     # ------------------------------------------------------------------------ connections
 
@@ -157,15 +165,13 @@ class HttpTransport:
         with self._lock:
             self._failed_until[index] = time.monotonic() + RETRY_FAILED
 
-    def _connect(self, index: int, timeout: float | None) -> http.client.HTTPConnection:
+    def _connect(self, index: int, timeout: float | None) -> Connection:
         secure, host, port = self._targets[index]
-        if secure:
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+        return Connection(host, port, timeout, self._tls if secure else None)
 
-    def _kept(self, index: int) -> tuple[http.client.HTTPConnection, bool]:
+    def _kept(self, index: int) -> tuple[Connection, bool]:
         """This thread's connection to the endpoint, and whether it is a new one."""
-        kept: dict[int, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
+        kept: dict[int, Connection] = self._local.__dict__.setdefault("conns", {})
         conn = kept.get(index)
         if conn is not None:
             return conn, False
@@ -189,16 +195,15 @@ class HttpTransport:
         return headers
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body)
+        data = json.dumps(body).encode()
         index = self._endpoint()
         while True:
             conn, fresh = self._kept(index)
             try:
-                conn.request("POST", path, data, self._headers())
-                response = conn.getresponse()
+                response = conn.request("POST", path, data, self._headers())
                 raw = response.read()
                 break
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:  # fleetd.http1.ProtocolError is one too
                 self._drop(index)
                 if not fresh and not isinstance(exc, TimeoutError | socket.timeout):
                     continue  # a kept connection etcd had closed: once more on a new one
@@ -314,12 +319,11 @@ class HttpTransport:
             }
         }
         try:
-            conn.request("POST", "/v3/watch", json.dumps(body), self._headers())
-            response = conn.getresponse()
+            response = conn.request("POST", "/v3/watch", json.dumps(body).encode(), self._headers())
             if response.status != 200:
                 self._answer(index, response.status, response.read())
             created = self._message(index, response.readline())
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             conn.close()
             self._fail(index)
             raise _unreachable(exc) from exc
@@ -396,7 +400,7 @@ class HttpTransport:
             _shut(conn)
 
 
-def _shut(conn: http.client.HTTPConnection) -> None:
+def _shut(conn: Connection) -> None:
     """End a stream another thread is reading: shutting the socket wakes its read."""
     sock = conn.sock
     if sock is not None:

@@ -103,6 +103,9 @@ def test_journal_lines_and_follow(fleet: Cluster) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=fleet.env,
+        # A suite started in the background by a shell without job control inherits SIGINT
+        # ignored, and so would fleetctl (Python then installs no KeyboardInterrupt handler).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: list[str] = []
     assert follow.stdout is not None

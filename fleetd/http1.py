@@ -44,13 +44,11 @@ class Response:
         if interim or method == "HEAD" or self.status in (204, 304):
             self._left = 0
             chunked = False
-        elif chunked:
-            pass
-        elif length is not None:
+        elif not chunked and length is not None:
             if not (length.isascii() and length.isdigit()):
                 raise ProtocolError(f"bad Content-Length {length[:40]!r}")
             self._left = int(length)
-        else:
+        elif not chunked:
             self._until_close = True
             keep = False  # the body ends where the connection does
         self._chunked = chunked

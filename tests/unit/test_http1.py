@@ -89,6 +89,13 @@ def server() -> Iterator[tuple[int, Script]]:
         thread.join(5)
 
 
+def _chunked_answer(chunks: list[bytes], size_format: bytes) -> bytes:
+    """A 200 whose body is these chunks, each size written with `size_format` (hex)."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(size_format % len(c) + b"\r\n" + c + b"\r\n" for c in chunks)
+    return head + body + b"0\r\n\r\n"
+
+
 def _conn(port: int) -> Connection:
     return Connection("127.0.0.1", port, timeout=5)
 
@@ -196,9 +203,7 @@ def test_a_chunked_stream_is_read_a_line_at_a_time(server: tuple[int, Script]) -
     body = lines[0] + lines[1] + lines[2]
     cut = len(lines[0]) + len(lines[1]) + 1
     chunks = [body[:cut], body[cut:]]
-    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
-        b"%x\r\n%s\r\n" % (len(c), c) for c in chunks
-    ) + b"0\r\n\r\n"
+    answer = _chunked_answer(chunks, b"%x")
     script.answers = [answer]
     conn = _conn(port)
     response = conn.request("POST", "/v3/watch", b"{}", {})
@@ -223,9 +228,7 @@ def test_any_chunking_gives_the_same_lines_and_body(lines: list[bytes], cuts: li
         rest = rest[size:]
     if rest:
         chunks.append(rest)
-    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
-        b"%X\r\n%s\r\n" % (len(c), c) for c in chunks
-    ) + b"0\r\n\r\n"
+    answer = _chunked_answer(chunks, b"%X")
     for by_line in (False, True):
         a, b = socket.socketpair()
         with a, b:

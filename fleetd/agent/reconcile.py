@@ -46,6 +46,9 @@ CLAIM_SETTLE = 2.0
 # brings them within a few milliseconds; a round that waited in vain acts on the units next time).
 CLAIM_WAIT = 0.2
 
+# Claim turns a round takes at most before it acts (see Reconciler._claim_turns).
+CLAIM_TURNS = 3
+
 # systemd states between two steady ones, and how long a unit in one is watched closely.
 TRANSITIONS = frozenset({"activating", "deactivating", "reloading"})
 SETTLE_WINDOW = 5.0
@@ -110,15 +113,31 @@ class Reconciler:
         view = self.view()
         if not view.may_start(self.clock(), self.margin):
             return False  # not joined, or fencing: only the fencer touches systemd now
+        return self._act(self._claim_turns(view))
+
+    def _claim_turns(self, view: LeaseView) -> Snapshot:
+        """Plan and bid; the picture to act on. A turn that won claims waits for the watch to
+        show them and bids again on that picture before the round acts: units that landed since
+        the plan (the rest of a submission written in several transactions) are claimed now,
+        not after this round has loaded and started its first share, which takes a second at
+        a hundred units. At most CLAIM_TURNS turns: a stream of new units cannot hold the
+        starts back. Still level-triggered: every turn plans, and the round acts, on a picture
+        the watch brought."""
         snap, placements = self.mirror.plan(plan_window, self.metrics.planned, PLAIN_SHARE)
-        won = self._claim(snap, placements, view)
-        if won and self.claim_wait > 0 and self.mirror.wait_until(
+        for turn in range(1, CLAIM_TURNS + 1):
+            won = self._claim(snap, placements, view)
+            if not won or self.claim_wait <= 0 or not self._shown(won):
+                break
+            if turn == CLAIM_TURNS:
+                return self.mirror.copy()
+            snap, placements = self.mirror.plan(plan_window, self.metrics.planned, PLAIN_SHARE)
+        return snap
+
+    def _shown(self, won: list[str]) -> bool:
+        """Wait (at most claim_wait) until the watch shows these won claims."""
+        return self.mirror.wait_until(
             lambda live: all(live.owner_of(u) == self.me for u in won), self.claim_wait
-        ):
-            # Still level-triggered: the round acts on a picture the watch brought, which now
-            # holds its claims.
-            snap = self.mirror.copy()
-        return self._act(snap)
+        )
 
     def awaiting(self) -> frozenset[str]:
         """Units this machine won claims for that its picture may not show yet: until it does

@@ -29,7 +29,7 @@ import pytest
 
 from fleetd.agent import Agent, ExitMode
 from fleetd.agent.lease import LeaseFile
-from fleetd.agent.reconcile import CLAIM_SETTLE, SETTLE_WINDOW
+from fleetd.agent.reconcile import CLAIM_SETTLE, CLAIM_TURNS, SETTLE_WINDOW
 from fleetd.clock import FakeClock
 from fleetd.config import Config
 from fleetd.errors import RegistryUnavailable, SystemdError
@@ -284,6 +284,71 @@ def test_claims_the_watch_does_not_show_yet_are_acted_on_next_time(cluster: Clus
     cluster.registry.release_watch()
     cluster.step("a")
     assert cluster.running("u.service") == cluster.running("v.service") == {"a"}
+
+
+def land_during_claims(cluster: Cluster, parts: list[dict[str, str]]) -> list[list[str]]:
+    """Write the next of `parts` while each claim transaction is on its way (the rest of a
+    submission landing after the agent planned); returns the units of every claim sent."""
+    sent: list[list[str]] = []
+    real_many = cluster.registry.claim_many
+
+    def claim_many(units: Mapping[str, int], *args: Any) -> dict[str, bool]:
+        sent.append(sorted(units))
+        won = real_many(units, *args)
+        if parts:
+            cluster.submit(parts.pop(0))
+        return won
+
+    cluster.registry.claim_many = claim_many  # type: ignore[method-assign]
+    return sent
+
+
+def test_units_that_land_while_a_round_claims_are_claimed_before_it_acts(
+    cluster: Cluster,
+) -> None:
+    """A submission is several transactions, and a round may plan when only the first landed:
+    it bids again on the picture that shows its claims before it loads and starts anything, so
+    the rest is claimed then and loaded and started with the first share in one batch, not one
+    load-and-start later."""
+    a = cluster.add("a")
+    manager = cluster.managers["a"]
+    batches: list[list[str]] = []
+    real_load_many = manager.load_many
+
+    def load_many(units: Mapping[str, str]) -> dict[str, Exception]:
+        batches.append(sorted(units))
+        return real_load_many(units)
+
+    manager.load_many = load_many  # type: ignore[method-assign]
+    first = {f"w@{i}.service": unit(f"w{i}") for i in range(3)}
+    rest = {f"w@{i}.service": unit(f"w{i}") for i in range(3, 6)}
+    sent = land_during_claims(cluster, [rest])
+    cluster.submit(first)
+    a.step()
+    assert sent == [sorted(first), sorted(rest)]
+    assert batches == [sorted(first | rest)]
+    for name in first | rest:
+        assert cluster.owner(name) == "a" and cluster.running(name) == {"a"}
+
+
+def test_a_stream_of_new_units_does_not_hold_a_rounds_starts_back(cluster: Cluster) -> None:
+    """Bidding again is bounded: with units landing during every claim, the round acts after
+    CLAIM_TURNS turns on what it holds, and the next round claims the rest."""
+    a = cluster.add("a")
+    parts = [{f"w@{p}{i}.service": unit(f"w{p}{i}") for i in range(2)} for p in range(6)]
+    sent = land_during_claims(cluster, parts[1:])
+    cluster.submit(parts[0])
+    a.step()
+    assert len(sent) == CLAIM_TURNS
+    claimed = {name for batch in sent for name in batch}
+    for name in claimed:
+        assert cluster.running(name) == {"a"}
+    waiting = {name for part in parts for name in part} - claimed
+    assert waiting and all(cluster.owner(name) is None for name in waiting)
+    cluster.settle()
+    for part in parts:
+        for name in part:
+            assert cluster.running(name) == {"a"}
 
 
 def test_a_round_with_nothing_to_do_reads_systemd_once(cluster: Cluster) -> None:

@@ -318,7 +318,8 @@ def _root_with(commands: list[CommandInfo]) -> typer.Typer:
 
 def main() -> None:
     # What the imports built lives until the process ends: frozen, the cycle collector no longer
-    # walks it on each full collection while a command builds a large registry's rows.
+    # walks it on each full collection while a command builds a large registry's rows (the
+    # installed command, fleetctl.__main__, froze it already).
     gc.freeze()
     app_for(sys.argv[1:])(prog_name="fleetctl")
 

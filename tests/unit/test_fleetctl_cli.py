@@ -278,3 +278,32 @@ def test_bad_name_fails_before_the_registry_is_built(monkeypatch: pytest.MonkeyP
     result = run("start", "ok.service", "bad$name.service")
     assert result.exit_code == 1
     assert "bad$name.service" in result.stderr
+
+
+def test_the_entry_loads_the_command_with_the_collector_off_and_runs_it_with_it_on() -> None:
+    """`fleetctl.__main__` (the installed command): the imports run with the cycle collector
+    off, what they built is frozen, and the collector is back on once they are done."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import gc, sys\n"
+        "seen = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'typer':\n"
+        "            seen.append(gc.isenabled())\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "sys.argv = ['fleetctl', 'version']\n"
+        "import fleetctl.__main__ as entry\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(seen, gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert __version__ in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "[False] True True"

@@ -27,6 +27,9 @@ units/hello@.service (a shell loop):
 - rounds: the batched floor and W1 run in turn `--rounds` times (the units destroyed between
   rounds), each W1 held against the floor just before it; the median of those ratios is the
   figure to quote, since the same floor varies by a third from one minute to the next here.
+- where the machine's CPU went during each floor and each W1 (the managers, fleetd, etcd,
+  journald, the fleetctl processes, the floor's processes, the rest): the floor keeps the two
+  cores busy on its own, so what fleet's processes use comes on top of it.
 - where W1's time goes, from the agents' logs: time to the last claim, to the last start call;
   from systemd's own ActiveEnterTimestampMonotonic of every unit, read afterwards: when the
   last unit became active (for the floor too); then publication and the listing's polling;
@@ -43,6 +46,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -122,22 +126,100 @@ def fleetctl(env: dict[str, str], *args: str) -> str:
     ).stdout
 
 
-def fleetd_cpu(directory: str) -> float:
-    """CPU seconds (user + system) the cluster's fleetd processes have used so far."""
-    total = 0.0
+def _classify(comm: str, words: list[str], directory: str) -> str:
+    """The process class a CPU account puts a process in (see CpuWindow)."""
+    line = " ".join(words)
+    if any(w.endswith("/fleetd") for w in words) or "fleetd.guard" in line:
+        return "fleetd" if directory in line else "other"
+    if "floor_worker.py" in line:
+        return "floor processes"
+    if comm.startswith("systemd-journal"):
+        return "journald"
+    if comm == "systemd" and "--user" in words:
+        return "systemd managers"
+    if comm == "etcd":
+        return "etcd"
+    if comm.startswith("dbus"):
+        return "dbus"
+    return "other"
+
+
+def _processes(directory: str) -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, start time) -> (class, CPU seconds so far) of every process now alive."""
+    found: dict[tuple[int, int], tuple[str, float]] = {}
     ticks = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            stat = (entry / "stat").read_text()
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        words = [a.decode(errors="replace") for a in argv]
-        if any(w.endswith("/fleetd") for w in words) and any(directory in w for w in words):
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        words = [a.decode(errors="replace") for a in argv if a]
+        found[(int(entry.name), int(fields[19]))] = (
+            _classify(comm, words, directory), (int(fields[11]) + int(fields[12])) / ticks
+        )
+    return found
+
+
+def _busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores; idle and iowait left out)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWindow:
+    """Where the machine's CPU went between `__init__` and `close()`, by process class: the
+    managers, fleetd (agents and guards), etcd, journald, the D-Bus daemons, the floor's own
+    processes, the fleetctl processes this benchmark started and reaped meanwhile (their
+    rusage), this benchmark itself, and the rest (the units' own processes, the kernel, and
+    whatever began and ended inside the window)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.wall = time.monotonic()
+        self.busy = _busy()
+        self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.own = time.process_time()
+        self.before = _processes(directory)
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def close(self) -> CpuWindow:
+        after = _processes(self.directory)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = time.process_time() - self.own
+        self.seconds = time.monotonic() - self.wall
+        busy = _busy() - self.busy
+        used: dict[str, float] = {}
+        for key, (kind, cpu) in after.items():
+            start = self.before.get(key, (kind, 0.0))[1]
+            used[kind] = used.get(kind, 0.0) + cpu - start
+        used["fleetctl processes"] = (
+            children.ru_utime + children.ru_stime
+            - self.children.ru_utime - self.children.ru_stime
+        )
+        used["this benchmark"] = own
+        tracked = sum(v for k, v in used.items() if k != "other")
+        used["other"] = max(0.0, busy - tracked)
+        self.used = used
+        self.busy = busy
+        return self
+
+    def fleetd(self) -> float:
+        return self.used.get("fleetd", 0.0)
+
+    def describe(self) -> str:
+        cores = os.cpu_count() or 1
+        parts = sorted(((v, k) for k, v in self.used.items() if v >= 0.005), reverse=True)
+        named = [f"{k} {v:.2f}" for v, k in parts if k != "other"]
+        return (f"the machine busy {self.busy:.2f} CPU-s of {cores * self.seconds:.2f} "
+                f"({cores} cores x {self.seconds:.2f} s): {', '.join(named)}, the rest (the "
+                f"units' processes, the kernel, processes begun and ended meanwhile) "
+                f"{self.used.get('other', 0.0):.2f}")
 
 
 def proposals(endpoint: str) -> int:
@@ -370,11 +452,14 @@ subprocess.run(["umount", str(directory)], check=True)
 """
 
 
-def floor(directory: str, machines: list[str], units: int, mode: str) -> tuple[float, float]:
+def floor(
+    directory: str, machines: list[str], units: int, mode: str
+) -> tuple[float, float, CpuWindow]:
     """Seconds to start `units` units directly over D-Bus, split over the machines' managers:
     with the adapter's batch calls ("batched": one LinkUnitFiles, the StartUnit calls sent
     together, as fleetd does) or one call per unit ("single"); and the seconds until systemd
-    made the last of them active (the rest is the floor's own 0.25 s polling)."""
+    made the last of them active (the rest is the floor's own 0.25 s polling), and where the
+    machine's CPU went meanwhile."""
     worker = Path(directory) / "floor_worker.py"
     worker.write_text(FLOOR_WORKER)
     template = ROOT / "units" / "hello@.service"
@@ -392,6 +477,7 @@ def floor(directory: str, machines: list[str], units: int, mode: str) -> tuple[f
         )
     for proc in procs:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    cpu = CpuWindow(directory)
     start = time.monotonic()
     for proc in procs:
         assert proc.stdin is not None
@@ -401,13 +487,14 @@ def floor(directory: str, machines: list[str], units: int, mode: str) -> tuple[f
         assert proc.stdout is not None
         proc.stdout.readline()
     took = time.monotonic() - start
+    cpu.close()
     ran = systemd_ran(directory, machines, [f"floor@{i}.service" for i in range(units)], start)
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write("clean\n")
         proc.stdin.flush()
         proc.wait(120)
-    return took, ran
+    return took, ran, cpu
 
 
 def active_in_registry(registry: Any) -> dict[str, int]:
@@ -430,7 +517,7 @@ def w1_round(
     n = len(files)
     published.expect(n)
     before = proposals(endpoint)
-    cpu = fleetd_cpu(directory)
+    cpu = CpuWindow(directory)
     wall = time.time()
     start = time.monotonic()
     fleetctl(env, "start", "--no-block", *files)
@@ -440,8 +527,8 @@ def w1_round(
     else:
         loads = poll_until(lambda: active_in_registry(in_process), n, 600)
     w1 = time.monotonic() - start
+    cpu.close()
     written = proposals(endpoint) - before
-    cpu = fleetd_cpu(directory) - cpu
     ran = systemd_ran(directory, machines, [Path(f).name for f in files], start)
     claims = log_times(Path(directory), "claimed hello@", wall)
     starts = start_calls(Path(directory), wall)
@@ -449,7 +536,7 @@ def w1_round(
     print(f"{label}: {n} units all active in {w1:.2f} s; "
           f"{written / n:.2f} etcd proposals per placed unit; "
           f"balance max-min {max(loads.values()) - min(loads.values())}; "
-          f"{cpu:.2f} CPU-seconds of all fleetd processes")
+          f"{cpu.fleetd():.2f} CPU-seconds of all fleetd processes")
     if claims and starts:
         print(f"{label} breakdown: fleetctl submit {submitted:.2f} s; last claim at "
               f"{max(claims) - wall:.2f} s; last start call at {max(starts) - wall:.2f} s; "
@@ -457,6 +544,7 @@ def w1_round(
               f"all published active in etcd at {since(published, start)}; "
               f"all seen active by the 0.25 s listing poll at {w1:.2f} s; claims not by "
               f"the machine ranked first: {fallback_claims(Path(directory), wall)}")
+    print(f"{label} CPU: {cpu.describe()}")
     return w1
 
 
@@ -509,13 +597,14 @@ def main() -> None:
         ratios: list[float] = []
         for round in range(1, args.rounds + 1):
             if round == 1:
-                single, _ = floor(directory, machines, n, "single")
-            took, ran = floor(directory, machines, n, "batched")
+                single, _, _ = floor(directory, machines, n, "single")
+            took, ran, cpu = floor(directory, machines, n, "batched")
             print(f"floor{f' (round {round})' if args.rounds > 1 else ''}: {n} units over D-Bus "
                   f"directly, one process per manager: {took:.2f} s with batched calls (one "
                   f"LinkUnitFiles, the StartUnit calls sent together; systemd made the last "
                   f"active at {ran:.2f} s)"
                   + (f", {single:.2f} s with one call per unit" if round == 1 else ""))
+            print(f"floor CPU: {cpu.describe()}")
             ratios.append(w1_round(directory, env, endpoint, published, files, machines) / took)
             clear(env, n)
         if len(ratios) > 1:
@@ -525,7 +614,7 @@ def main() -> None:
         # Where the rest goes: once more with the listing read by this process, so the
         # fleetctl processes the 0.25 s poll starts (some 0.1 CPU-seconds each) no longer
         # compete with the managers for the two cores while they start the units.
-        took, ran = floor(directory, machines, n, "batched")
+        took, ran, _ = floor(directory, machines, n, "batched")
         reader = EtcdRegistry([endpoint], transport="http")
         try:
             inproc = w1_round(directory, env, endpoint, published, files, machines, reader)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fleetd.incremental import IncrementalPlanner
+from fleetd.keys import Kind
 from fleetd.memory import release_free_memory
 from fleetd.metrics import count_by
 from fleetd.placement import Placement, View
@@ -121,6 +122,18 @@ class Mirror:
         the watch thread applies events under."""
         with self._applied:
             return self._applied.wait_for(lambda: shows(self._snapshot), timeout)
+
+    def news_for_bids(self) -> bool:
+        """Whether the live picture changed, since the last plan, in a way that can give some
+        machine a unit to bid for: anything but owner keys that were written (a claim only
+        takes a unit off the plan; a unit, desired state, machine, move hint or released owner
+        may put one on it)."""
+        with self._lock:
+            owners = self._snapshot.owners
+            return any(
+                kind is not Kind.OWNER or name not in owners
+                for kind, name in self._snapshot.changes
+            )
 
     def view(self, snap: Snapshot) -> View:
         """The placement indexes of a copy this mirror handed out, built once per copy."""

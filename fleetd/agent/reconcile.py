@@ -117,18 +117,20 @@ class Reconciler:
 
     def _claim_turns(self, view: LeaseView) -> Snapshot:
         """Plan and bid; the picture to act on. A turn that won claims waits for the watch to
-        show them and bids again on that picture before the round acts: units that landed since
-        the plan (the rest of a submission written in several transactions) are claimed now,
-        not after this round has loaded and started its first share, which takes a second at
-        a hundred units. At most CLAIM_TURNS turns: a stream of new units cannot hold the
-        starts back. Still level-triggered: every turn plans, and the round acts, on a picture
-        the watch brought."""
+        show them and, if anything but claims landed meanwhile, bids again on that picture
+        before the round acts: units written after the plan (the rest of a submission sent in
+        several transactions) are claimed now, not after this round has loaded and started its
+        first share, which takes a second at a hundred units. At most CLAIM_TURNS turns, so a
+        stream of new units cannot hold the starts back. Still level-triggered: every turn
+        plans, and the round acts, on a picture the watch brought."""
         snap, placements = self.mirror.plan(plan_window, self.metrics.planned, PLAIN_SHARE)
         for turn in range(1, CLAIM_TURNS + 1):
             won = self._claim(snap, placements, view)
             if not won or self.claim_wait <= 0 or not self._shown(won):
                 break
-            if turn == CLAIM_TURNS:
+            if turn == CLAIM_TURNS or not self.mirror.news_for_bids():
+                # Only claims landed since the plan (the common case): nothing new to bid
+                # for, and planning again would only delay the loads.
                 return self.mirror.copy()
             snap, placements = self.mirror.plan(plan_window, self.metrics.planned, PLAIN_SHARE)
         return snap

@@ -331,6 +331,27 @@ def test_units_that_land_while_a_round_claims_are_claimed_before_it_acts(
         assert cluster.owner(name) == "a" and cluster.running(name) == {"a"}
 
 
+def test_a_round_whose_wait_brought_only_its_claims_acts_without_planning_again(
+    cluster: Cluster,
+) -> None:
+    """The common case: nothing but claims landed while the round waited for its own, so it
+    loads and starts at once instead of planning a picture that holds no new unit."""
+    a = cluster.add("a")
+    passes: list[int] = []
+    real_plan = a.mirror.plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        passes.append(1)
+        return real_plan(*args, **kwargs)
+
+    a.mirror.plan = plan  # type: ignore[method-assign]
+    cluster.submit({f"w@{i}.service": unit(f"w{i}") for i in range(3)})
+    a.step()
+    assert len(passes) == 1
+    for i in range(3):
+        assert cluster.running(f"w@{i}.service") == {"a"}
+
+
 def test_a_stream_of_new_units_does_not_hold_a_rounds_starts_back(cluster: Cluster) -> None:
     """Bidding again is bounded: with units landing during every claim, the round acts after
     CLAIM_TURNS turns on what it holds, and the next round claims the rest."""

@@ -180,33 +180,34 @@ class CpuWindow:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.wall = time.monotonic()
-        self.busy = _busy()
-        self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.own = time.process_time()
-        self.before = _processes(directory)
+        # Readings at the start of the window; close() turns them into what it used.
+        self._started = time.monotonic()
+        self._busy_at = _busy()
+        self._children_at = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._own_at = time.process_time()
+        self._before = _processes(directory)
         self.used: dict[str, float] = {}
+        self.busy = 0.0  # CPU seconds the whole machine was busy in the window
         self.seconds = 0.0
 
     def close(self) -> CpuWindow:
         after = _processes(self.directory)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = time.process_time() - self.own
-        self.seconds = time.monotonic() - self.wall
-        busy = _busy() - self.busy
+        self.seconds = time.monotonic() - self._started
+        self.busy = _busy() - self._busy_at
         used: dict[str, float] = {}
         for key, (kind, cpu) in after.items():
-            start = self.before.get(key, (kind, 0.0))[1]
+            start = self._before.get(key, (kind, 0.0))[1]
             used[kind] = used.get(kind, 0.0) + cpu - start
         used["fleetctl processes"] = (
             children.ru_utime + children.ru_stime
-            - self.children.ru_utime - self.children.ru_stime
+            - self._children_at.ru_utime - self._children_at.ru_stime
         )
-        used["this benchmark"] = own
+        used["this benchmark"] = time.process_time() - self._own_at
+        # Live processes of no class count in the rest, with what no reading could see.
         tracked = sum(v for k, v in used.items() if k != "other")
-        used["other"] = max(0.0, busy - tracked)
+        used["other"] = max(0.0, self.busy - tracked)
         self.used = used
-        self.busy = busy
         return self
 
     def fleetd(self) -> float:

@@ -112,9 +112,13 @@ class DbusUnitManager:
     def load_many(self, units: Mapping[str, str]) -> dict[str, Exception]:
         failures: dict[str, Exception] = {}
         written: dict[str, Path] = {}
+        try:
+            directory = self._units_directory()  # checked once for the batch
+        except (OSError, SystemdError) as exc:
+            return {name: exc for name in units}
         for name, text in units.items():
             try:
-                written[name] = self._write(name, text)
+                written[name] = self._write(name, text, directory)
             except (InvalidUnitName, UnitTooLarge, OSError, SystemdError) as exc:
                 failures[name] = exc
         if not written:
@@ -192,28 +196,36 @@ class DbusUnitManager:
         if state not in _LINKED:
             raise SystemdError(f"systemd did not link {name}: its file state is {state}")
 
-    def _write(self, name: str, text: str) -> Path:
+    def _write(self, name: str, text: str, directory: Path | None = None) -> Path:
+        """Write one unit's file into `directory` (the units directory, checked by the caller
+        for a batch; by this call when None)."""
         path = self._path(name)
         # The registry's size limit again: a file is only ever built from a unit fleetctl could
         # have stored.
         check_unit_size(UnitRecord(name, text, content_hash(text)))
-        directory = self._units_directory()
+        if directory is None:
+            directory = self._units_directory()
         # Written aside and renamed, so a crash never leaves a half-written unit that a later
         # reload would pick up; then linked and the link read back. A failed link removes the
         # file again: a file whose hash matches but that systemd does not know would never be
         # linked by a later round.
         self._linked.discard(name)
-        tmp = directory / f".{name}.tmp"
+        tmp = os.path.join(directory, f".{name}.tmp")
         # Never through a link someone planted: the temporary name is created afresh, without
         # following symlinks, readable by all (systemd) and writable by us only; the rename
         # then replaces whatever was at the unit's name, a symlink included, without following
-        # it.
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, UNIT_FILE_MODE)
-        with os.fdopen(fd, "w") as out:
+        # it. Whatever holds the temporary name (a crash's leftover, a planted link) is removed
+        # first; plain os calls, as a batch writes a hundred files.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, UNIT_FILE_MODE)
+        except FileExistsError:
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, UNIT_FILE_MODE)
+        with os.fdopen(fd, "wb") as out:
             os.fchmod(fd, UNIT_FILE_MODE)
-            out.write(text)
-        tmp.replace(path)
+            out.write(text.encode())
+        os.replace(tmp, path)
         return path
 
     def reload(self) -> None:
@@ -224,7 +236,7 @@ class DbusUnitManager:
         self._call(name, "start", "StartUnit", name, "replace")
 
     def start_many(self, names: Sequence[str]) -> dict[str, Exception]:
-        return self._call_many(names, "start", "StartUnit", "(ss)", ("replace",))
+        return self._call_many(names, "start", "StartUnit", ("replace",))
 
     def stop(self, name: str) -> None:
         self._path(name)
@@ -232,7 +244,7 @@ class DbusUnitManager:
 
     def stop_many(self, names: Sequence[str]) -> dict[str, Exception]:
         return self._call_many(
-            names, "stop", "StopUnit", "(ss)", ("replace",), timeout=self.fast_timeout
+            names, "stop", "StopUnit", ("replace",), timeout=self.fast_timeout
         )
 
     def kill(self, name: str) -> None:
@@ -272,7 +284,7 @@ class DbusUnitManager:
                     del paths[name]
         failures.update(
             self._call_many(
-                list(paths), "reset the failed state of", "ResetFailedUnit", "(s)", (),
+                list(paths), "reset the failed state of", "ResetFailedUnit", (),
                 tolerate_absent=True,
             )
         )
@@ -335,9 +347,12 @@ class DbusUnitManager:
             return {}
         seconds = self.timeout if patient else self.fast_timeout
         try:
+            # The argument built from a string array in one call (GLib.Variant("(as)", ...)
+            # walks the list in Python: 0.4 ms a read of 100 names, twenty times this).
             reply = self._bus.con.call_sync(
                 SYSTEMD_SERVICE, SYSTEMD_PATH, MANAGER_INTERFACE, "ListUnitsByNames",
-                GLib.Variant("(as)", (wanted,)), _UNIT_ROWS, Gio.DBusCallFlags.NONE,
+                GLib.Variant.new_tuple(GLib.Variant.new_strv(wanted)), _UNIT_ROWS,
+                Gio.DBusCallFlags.NONE,
                 int(seconds * 1000), None,
             )
         except GLib.Error as exc:
@@ -357,7 +372,12 @@ class DbusUnitManager:
                 row.get_child_value(7).get_uint32(),
                 row.get_child_value(8).get_string(),
             )
-            found[name] = self._with_container(state, name)
+            found[name] = state
+        # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
+        # starting one may still hold the previous run's cidfile.
+        running = [n for n, s in found.items() if s.active in ("active", "reloading")]
+        for name, container in self.containers.containers(running).items():
+            found[name] = replace(found[name], container=container)
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 
     def main_pids(self, names: Iterable[str]) -> dict[str, int]:
@@ -391,15 +411,6 @@ class DbusUnitManager:
             if Gio.DBusError.get_remote_error(exc) == "org.freedesktop.systemd1.UnitExists":
                 return  # a guard runs already and watches the same lease file
             raise _refused("start", name, exc) from exc
-
-    def _with_container(self, state: SystemdState, name: str) -> SystemdState:
-        # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
-        # starting one may still hold the previous run's cidfile. Reading the cidfile is all
-        # this costs here (see fleetd.podman).
-        if state.active not in ("active", "reloading"):
-            return state
-        container = self.containers.container(name)
-        return state if container is None else replace(state, container=container)
 
     def unit_file_state(self, name: str) -> str:
         """systemd's UnitFileState for the unit ("linked-runtime", "enabled-runtime", ...), or
@@ -454,14 +465,14 @@ class DbusUnitManager:
         names: Sequence[str],
         what: str,
         method: str,
-        signature: str,
-        extra: tuple[Any, ...],
+        extra: tuple[str, ...],
         tolerate_absent: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Exception]:
-        """`method(name, *extra)` for every name, all sent before any reply is awaited; returns
-        the error of each call that failed (empty: all succeeded). Every call carries the
-        timeout, so every reply (or its timeout) comes, and the wait has a bound of its own."""
+        """`method(name, *extra)` (all strings) for every name, all sent before any reply is
+        awaited; returns the error of each call that failed (empty: all succeeded). Every call
+        carries the timeout, so every reply (or its timeout) comes, and the wait has a bound of
+        its own."""
         failures: dict[str, Exception] = {}
         wanted: list[str] = []
         for name in dict.fromkeys(names):
@@ -494,11 +505,14 @@ class DbusUnitManager:
         context = GLib.MainContext.new()
         context.push_thread_default()
         try:
+            # Built from typed parts: the generic GLib.Variant(signature, value) walks the value
+            # in Python, four times the cost at a hundred calls a batch.
+            tail = [GLib.Variant.new_string(arg) for arg in extra]
             for name in wanted:
                 self._bus.con.call(
                     SYSTEMD_SERVICE, SYSTEMD_PATH, MANAGER_INTERFACE, method,
-                    GLib.Variant(signature, (name, *extra)), None, Gio.DBusCallFlags.NONE,
-                    int(seconds * 1000), None, answered, name,
+                    GLib.Variant.new_tuple(GLib.Variant.new_string(name), *tail), None,
+                    Gio.DBusCallFlags.NONE, int(seconds * 1000), None, answered, name,
                 )
             guard = GLib.timeout_source_new(int(seconds * 1000) + 1000)
             guard.set_callback(lambda *_: expire())

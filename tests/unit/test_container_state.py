@@ -100,3 +100,23 @@ def test_probe_without_podman_stops_asking(tmp_path: Path) -> None:
     probe.drain(timeout=10)
     assert probe._missing
     probe.close()
+
+
+def test_probe_finds_the_containers_of_many_units_from_one_listing(
+    tmp_path: Path, fake_podman: Path
+) -> None:
+    runtime = tmp_path / "runtime"
+    probe = PodmanProbe(runtime, podman=str(fake_podman))
+    assert probe.containers(["web.service"]) == {}  # no runtime directory yet
+    runtime.mkdir()
+    (runtime / "web.service.ctr-id").write_text(CID + "\n")
+    (runtime / "empty.service.ctr-id").write_text("")
+    (runtime / "other.service.ctr-id").write_text("deadbeef")  # not asked for
+    (runtime / "plain.service").write_text("")  # not a cidfile
+    asked = ["web.service", "empty.service", "plain.service", "absent.service"]
+    assert probe.containers(asked) == {"web.service": Container(CID, "")}
+    probe.drain(timeout=10)
+    assert probe.containers(asked) == {
+        "web.service": Container(CID, "localhost/fleet-demo:latest")
+    }
+    probe.close()

@@ -188,19 +188,19 @@ class HttpTransport:
                 if conn in self._open:
                     self._open.remove(conn)
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, token: bool = True) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self._token:
+        if token and self._token:
             headers["Authorization"] = self._token
         return headers
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], token: bool = True) -> dict[str, Any]:
         data = json.dumps(body).encode()
         index = self._endpoint()
         while True:
             conn, fresh = self._kept(index)
             try:
-                response = conn.request("POST", path, data, self._headers())
+                response = conn.request("POST", path, data, self._headers(token))
                 raw = response.read()
                 break
             except OSError as exc:  # fleetd.http1.ProtocolError is one too
@@ -237,7 +237,11 @@ class HttpTransport:
         self._token = token
 
     def authenticate(self, name: str, password: str) -> str:
-        answer = self._post("/v3/auth/authenticate", {"name": name, "password": password})
+        # Without the token held: etcd refuses any request carrying an expired one, this too,
+        # and the registry authenticates again precisely because it expired.
+        answer = self._post(
+            "/v3/auth/authenticate", {"name": name, "password": password}, token=False
+        )
         return str(answer.get("token", ""))
 
     # ---------------------------------------------------------------------------------- reads

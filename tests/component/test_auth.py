@@ -235,3 +235,22 @@ def test_credentials_before_etcd_has_auth_on_are_accepted(
         registry.clear_move("x.service")
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_registry_that_outlived_its_token_authenticates_again(
+    secured: tuple[EtcdCluster, Path], transport: Literal["grpc", "http"]
+) -> None:
+    """A long-lived client (an agent; fleetctl waiting for units to start) idle past the
+    token's TTL: etcd refuses the expired token, on the request that asks for a new one too
+    unless that goes without it."""
+    cluster, dir = secured
+    viewer = EtcdRegistry(
+        cluster.endpoints, PREFIX, transport=transport, **_kw(login(dir, auth.VIEWER_USER))
+    )
+    try:
+        viewer.snapshot()
+        time.sleep(TOKEN_TTL + 1)
+        viewer.snapshot()
+    finally:
+        viewer.close()

@@ -62,7 +62,8 @@ class GlobalOptions:
 def build_registry(options: GlobalOptions) -> Registry:
     # Imported here: most errors a user makes (a bad name, a missing file) are found before a
     # registry is needed. Over etcd's JSON gateway: a command then loads no gRPC library, which
-    # would be most of the CPU a short command such as list-units costs.
+    # would be most of the CPU a short command such as list-units costs (a listing of thousands
+    # of units reads its bulk over gRPC all the same: fleetd.registry.BULK_READ_KEYS).
     from fleetd.registry import EtcdRegistry
 
     return EtcdRegistry(

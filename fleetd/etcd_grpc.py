@@ -152,7 +152,7 @@ class GrpcTransport:
             (kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
             for kv in response.kvs
         ]
-        return Page(int(response.header.revision), rows, bool(response.more))
+        return Page(int(response.header.revision), rows, bool(response.more), int(response.count))
 
     def get(self, key: str) -> Row | None:
         with self._calling():

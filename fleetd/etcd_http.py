@@ -263,7 +263,12 @@ class HttpTransport:
             body["keys_only"] = True
         answer = self._post("/v3/kv/range", body)
         rows = [_row(kv) for kv in answer.get("kvs", ())]
-        return Page(int(answer["header"]["revision"]), rows, bool(answer.get("more", False)))
+        return Page(
+            int(answer["header"]["revision"]),
+            rows,
+            bool(answer.get("more", False)),
+            int(answer.get("count", 0)),
+        )
 
     def get(self, key: str) -> Row | None:
         answer = self._post("/v3/kv/range", {"key": _b64(key)})

@@ -77,6 +77,7 @@ class Page:
     revision: int
     rows: list[Row] = field(default_factory=list)
     more: bool = False
+    count: int = 0  # keys in the whole range asked for at that revision (etcd's count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
 from tests.support.agents import Harness, unit_text
+from tests.support.bulk import bulk_pages
 from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
 
 pytestmark = pytest.mark.component
@@ -235,6 +236,34 @@ def test_credentials_before_etcd_has_auth_on_are_accepted(
         registry.clear_move("x.service")
     finally:
         registry.close()
+
+
+def test_a_large_read_over_http_goes_on_over_grpc_with_the_same_token(
+    secured: tuple[EtcdCluster, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gRPC part of a large read (`fleetd.registry.BULK_READ_KEYS`) carries the token the
+    JSON gateway's part got: a viewer reads it all, none of it falling back to HTTP."""
+    cluster, dir = secured
+    admin = EtcdRegistry(cluster.endpoints, PREFIX, **_kw(login(dir, auth.ADMIN_USER)))
+    viewer = EtcdRegistry(
+        cluster.endpoints, PREFIX, transport="http", **_kw(login(dir, auth.VIEWER_USER))
+    )
+    names = [f"bulk@{i}.service" for i in range(120)]
+    text = unit_text()
+    try:
+        records = [UnitRecord(n, text, content_hash(text)) for n in names]
+        assert admin.write_units(records, None, admin.snapshot())
+        pages = bulk_pages(monkeypatch, spared=admin.transport)
+        assert set(names) <= set(viewer.snapshot().units)
+        assert len(pages) >= 5  # 120 units and their desired states, after the first page
+        pages.clear()
+        time.sleep(TOKEN_TTL + 1)  # both parts' token expires: the read authenticates again
+        assert set(names) <= set(viewer.snapshot().units)
+        assert len(pages) >= 5
+    finally:
+        admin.destroy(names)
+        admin.close()
+        viewer.close()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])

@@ -11,6 +11,7 @@ from fleetd.placement import NO_GUARDS, Guards
 from fleetd.registry import MAX_TXN_OPS, EtcdRegistry
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
+from tests.support.bulk import bulk_pages
 from tests.support.etcd_fixtures import etcd, etcd_prefix  # noqa: F401
 
 pytestmark = pytest.mark.component
@@ -71,6 +72,38 @@ def test_a_registry_larger_than_grpcs_default_answer_limit_reads_whole(
     records = [record(f"big@{i}.service", text) for i in range(5000)]
     assert registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
     assert len(registry.snapshot().units) == 5000
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["over gRPC", "gRPC failing"])
+def test_a_large_read_over_http_goes_on_over_grpc_and_reads_the_same(
+    etcd, etcd_prefix, monkeypatch, fail  # noqa: F811
+) -> None:
+    """A read over the JSON gateway with many keys to come reads the rest over gRPC, at the
+    same revision; when gRPC does not get through, it goes on over HTTP. Either way the picture
+    is the one a gRPC registry reads; a small read never loads gRPC."""
+    http = EtcdRegistry(list(etcd.endpoints), etcd_prefix, transport="http")
+    grpc = EtcdRegistry(list(etcd.endpoints), etcd_prefix)
+    try:
+        assert http.write_units([record("few@1.service")], DesiredState.LAUNCHED, http.snapshot())
+        pages = bulk_pages(monkeypatch, fail, spared=grpc.transport)
+        assert set(http.snapshot().units) == {"few@1.service"}
+        assert pages == []  # 2 keys: nothing to gain
+        records = [record(f"many@{i}.service") for i in range(150)]
+        assert http.write_units(records, DesiredState.LAUNCHED, http.snapshot())
+        pages.clear()
+        read = http.snapshot()
+        expected = grpc.snapshot()
+        assert len(read.units) == 151
+        assert read.revision == expected.revision
+        assert read.units == expected.units and read.desired == expected.desired
+        # 302 keys in pages of 40: the first over HTTP, then over gRPC (or one try of it).
+        assert len(pages) == (1 if fail else 7)
+        pages.clear()
+        assert http.snapshot().units == expected.units
+        assert len(pages) == (0 if fail else 7)  # a failed gRPC is not tried again
+    finally:
+        http.close()
+        grpc.close()
 
 
 def test_a_stale_guard_in_a_later_part_fails_and_a_retry_converges(

@@ -20,6 +20,7 @@ from fleetd.model import DesiredState
 from fleetd.registry import EtcdRegistry
 from fleetd.snapshot import UnitRecord
 from fleetd.unitfile import content_hash
+from tests.support.bulk import bulk_pages
 
 pytestmark = [
     pytest.mark.component,
@@ -191,6 +192,25 @@ def test_registry_reads_and_writes_over_tls(
     assert snap.units["tls.service"].text == text
     assert snap.desired_state("tls.service") is DesiredState.LAUNCHED
     registry.close()
+
+
+def test_a_large_read_over_https_goes_on_over_grpc_with_the_same_files(
+    tls_etcd: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gRPC part of a large read (`fleetd.registry.BULK_READ_KEYS`) is made with the CA,
+    certificate and key the JSON gateway's part was: none of it falls back to HTTP."""
+    url, folder = tls_etcd
+    registry = _tls_registry(url, folder, "http")
+    names = [f"bulk@{i}.service" for i in range(60)]
+    try:
+        records = [UnitRecord(n, TLS_UNIT, content_hash(TLS_UNIT)) for n in names]
+        assert registry.write_units(records, DesiredState.LAUNCHED, registry.snapshot())
+        pages = bulk_pages(monkeypatch)
+        assert set(names) <= set(registry.snapshot().units)
+        assert len(pages) >= 2  # 120 keys and more, after a first page of 40
+    finally:
+        registry.destroy(names)
+        registry.close()
 
 
 def test_https_without_a_ca_file_is_a_config_error(tls_etcd: tuple[str, Path]) -> None:

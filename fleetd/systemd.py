@@ -295,7 +295,10 @@ class DbusUnitManager:
 
     def loaded_units(self) -> dict[str, str]:
         try:
-            entries = list(self.units_directory.iterdir())
+            # os.scandir rather than Path.iterdir: every round lists the directory, twice, and
+            # a hundred Path objects cost more than the listing.
+            with os.scandir(self.units_directory) as listing:
+                entries = list(listing)
         except FileNotFoundError:
             return {}
         out: dict[str, str] = {}
@@ -305,19 +308,20 @@ class DbusUnitManager:
             if entry.name.startswith("."):
                 continue
             try:
-                info = entry.lstat()
+                info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue
-            if entry.name not in self._linked and not self._check_link(entry):
+            if entry.name not in self._linked and not self._check_link(Path(entry.path)):
                 continue
             # Every round asks, twice: hash a file again only when it is not the one hashed
             # last time (a load renames a new file into place, so its inode changes).
             signature = (info.st_ino, info.st_size, info.st_mtime_ns)
             known = self._hashes.get(entry.name)
             if known is None or known[0] != signature:
-                known = (signature, content_hash(entry.read_text()))
+                with open(entry.path, encoding="utf-8") as file:
+                    known = (signature, content_hash(file.read()))
             hashes[entry.name] = known
             out[entry.name] = known[1]
         self._hashes = hashes

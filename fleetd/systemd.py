@@ -380,7 +380,7 @@ class DbusUnitManager:
         # Only a running unit has a container: a stopped one removed it (ExecStopPost), and a
         # starting one may still hold the previous run's cidfile.
         running = [n for n, s in found.items() if s.active in ("active", "reloading")]
-        for name, container in self.containers.containers(running).items():
+        for name, container in (self.containers.containers(running) if running else {}).items():
             found[name] = replace(found[name], container=container)
         return {name: found.get(name, NOT_FOUND) for name in wanted}
 

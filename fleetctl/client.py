@@ -45,6 +45,9 @@ class Registry(Protocol):
 
 @dataclass
 class GlobalOptions:
+    """The options every fleetctl command shares (where etcd is, how to reach it, who asks),
+    and the registry client built from them once per invocation."""
+
     endpoint: str = DEFAULT_ENDPOINT
     etcd_key_prefix: str = DEFAULT_PREFIX
     request_timeout: float = DEFAULT_TIMEOUT

@@ -46,6 +46,9 @@ class SshError(FleetError):
 
 @dataclass(frozen=True)
 class SshOptions:
+    """How fleetctl reaches machines (and, with `tunnel`, etcd) through ssh: the --ssh-* and
+    --tunnel options."""
+
     username: str = DEFAULT_USERNAME
     port: int = DEFAULT_PORT
     tunnel: str = ""

@@ -34,6 +34,8 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class Put:
+    """Set `key` to `value`, bound to `lease` when not 0 (the key goes when the lease does)."""
+
     key: str
     value: str | bytes
     lease: int = 0
@@ -41,6 +43,8 @@ class Put:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """Remove `key`."""
+
     key: str
 
 
@@ -74,6 +78,9 @@ Row = tuple[bytes, bytes, int, int, int]
 
 @dataclass(slots=True)
 class Page:
+    """One answer of a range read: its rows, the revision it was read at, and whether more keys
+    follow past the limit."""
+
     revision: int
     rows: list[Row] = field(default_factory=list)
     more: bool = False
@@ -82,6 +89,8 @@ class Page:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
+    """What etcd says of a lease, without its keys."""
+
     granted: int  # seconds the lease was granted for
     remaining: int  # seconds left; -1 once it is gone
 

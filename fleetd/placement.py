@@ -37,6 +37,8 @@ PLANNED = 1 << 62
 
 @dataclass(frozen=True)
 class Verdict:
+    """A checker's answer for one unit on one machine: ok, or the reason it may not run there."""
+
     ok: bool
     reason: str = ""
 

@@ -22,6 +22,8 @@ from fleetd.snapshot import Snapshot
 
 @dataclass(frozen=True)
 class Move:
+    """One step of a rebalance: `unit` from machine `source` to machine `target`, and why."""
+
     unit: str
     source: str
     target: str

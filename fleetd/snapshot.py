@@ -71,6 +71,9 @@ class UnitRecord:
 
 @dataclass(frozen=True, slots=True)
 class Desired:
+    """A unit's desired state as the registry holds it, with the revision that wrote it (claims
+    guard on it)."""
+
     state: DesiredState
     revision: int = 0
 

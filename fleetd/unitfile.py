@@ -177,6 +177,8 @@ def template_group(name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class UnitOption:
+    """One `Key=Value` line of a unit file, in its section, with its line number for messages."""
+
     section: str
     key: str
     value: str

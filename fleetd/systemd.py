@@ -214,8 +214,9 @@ class DbusUnitManager:
         # Never through a link someone planted: the temporary name is created afresh, without
         # following symlinks, readable by all (systemd) and writable by us only; the rename
         # then replaces whatever was at the unit's name, a symlink included, without following
-        # it. Whatever holds the temporary name (a crash's leftover, a planted link) is removed
-        # first; plain os calls, as a batch writes a hundred files.
+        # it. Whatever holds the temporary name (a crash's leftover, a planted link) makes the
+        # create fail and is removed before it is tried again. Plain os calls: a batch writes
+        # a hundred files.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
             fd = os.open(tmp, flags, UNIT_FILE_MODE)
@@ -356,8 +357,7 @@ class DbusUnitManager:
             reply = self._bus.con.call_sync(
                 SYSTEMD_SERVICE, SYSTEMD_PATH, MANAGER_INTERFACE, "ListUnitsByNames",
                 GLib.Variant.new_tuple(GLib.Variant.new_strv(wanted)), _UNIT_ROWS,
-                Gio.DBusCallFlags.NONE,
-                int(seconds * 1000), None,
+                Gio.DBusCallFlags.NONE, int(seconds * 1000), None,
             )
         except GLib.Error as exc:
             raise _refused("read the state of", _label(wanted), exc) from exc
